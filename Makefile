@@ -1,0 +1,51 @@
+# Everything a fresh clone needs: `make test`, `make demo`, `make bench`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: test lint typecheck pytest demo bench bench-smoke run system-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(STAMP)
+
+# redis-server is needed by the tests (they start their own on free ports) and by the
+# embedded Redis mode of the demo; apt-get only runs when it is missing.
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway plugins tests bench examples
+	$(BIN)/ruff format --check gateway plugins || true
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	# The security suite again under aiohttp's pure-Python HTTP parser.
+	AIOHTTP_NO_EXTENSIONS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m security $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+run: $(STAMP) system-deps
+	$(BIN)/python -m gateway --config config.yaml $(ARGS)
+
+demo: $(STAMP) system-deps
+	$(BIN)/python -m examples.fake_web_retailer.demo $(ARGS)
+
+bench: $(STAMP) system-deps
+	$(BIN)/python -m bench $(ARGS)
+
+bench-smoke: $(STAMP) system-deps
+	$(BIN)/python -m bench --smoke $(ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache
