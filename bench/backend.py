@@ -1,0 +1,52 @@
+"""The fast backend every scenario proxies to: small bodies, answered at once.
+
+Run as `python -m bench.backend --port P`. `/login?user=N` answers with the gateway's
+`X-Session-Login` instruction so sessions are created through the real login path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import uvloop
+from aiohttp import web
+
+BODY = b"<html><body><h1>Fake Web Retailer</h1><p>fast backend page</p></body></html>\n"
+
+
+async def page(request: web.Request) -> web.Response:
+    return web.Response(body=BODY, content_type="text/html")
+
+
+async def login(request: web.Request) -> web.Response:
+    uid = request.query.get("user", "1")
+    if not uid.isdigit():
+        return web.Response(status=400, text="user must be a number\n")
+    instr = f"user_id={uid}; username=u{uid}; email=u{uid}%40example.com"
+    return web.Response(text="logged in\n", headers={"X-Session-Login": instr})
+
+
+def make_app() -> web.Application:
+    app = web.Application()
+    app.router.add_route("*", "/login", login)
+    app.router.add_route("*", "/{tail:.*}", page)
+    return app
+
+
+async def serve(port: int) -> None:
+    # access_log=None: logging every request would cost more than answering it.
+    runner = web.AppRunner(make_app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--port", type=int, required=True)
+    uvloop.run(serve(ap.parse_args().port))
+
+
+if __name__ == "__main__":
+    main()

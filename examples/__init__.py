@@ -1,0 +1,1 @@
+"""Example backends that run behind the Session Gateway."""

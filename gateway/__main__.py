@@ -1,0 +1,105 @@
+"""``python -m gateway --config config.yaml [--check] [--log-format json]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from . import logs
+from .app import REDIS, build_admin_app, build_app
+from .config import ConfigError, Settings, load_settings, split_host_port
+from .plugin import validate_plugins
+
+log = logging.getLogger("gateway")
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    ap.add_argument("--config", default="config.yaml", help="path to config.yaml")
+    ap.add_argument("--check", action="store_true", help="validate the config and exit")
+    ap.add_argument("--log-format", choices=("text", "json"), default=None)
+    ap.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=None)
+    return ap.parse_args(argv)
+
+
+async def serve(settings: Settings) -> None:
+    app = build_app(settings)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        # In-flight requests get this long after SIGTERM before they are cut.
+        shutdown_timeout=settings.shutdown_timeout,
+        max_field_size=settings.max_request_header_size,
+        max_line_size=settings.max_request_header_size,
+    )
+    await runner.setup()
+    try:
+        await runner.app[REDIS].ping()
+    except (RedisError, OSError, TimeoutError) as e:
+        log.warning("redis not reachable at start (%s); routes follow on_redis_error", e)
+    host, port = split_host_port(settings.listen)
+    site = web.TCPSite(
+        runner, host, port, backlog=1024, reuse_port=bool(os.environ.get("GATEWAY_REUSE_PORT"))
+    )
+    await site.start()
+    admin_runner: web.AppRunner | None = None
+    if settings.admin.listen:
+        admin_runner = web.AppRunner(build_admin_app(app), handle_signals=False, access_log=None)
+        await admin_runner.setup()
+        ahost, aport = split_host_port(settings.admin.listen)
+        await web.TCPSite(admin_runner, ahost, aport).start()
+        log.info("admin listening on %s (/healthz, /metrics)", settings.admin.listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("gateway listening on %s (pid %d)", settings.listen, os.getpid())
+    await stop.wait()
+    log.info("stopping: draining in-flight requests (up to %.0fs)", settings.shutdown_timeout)
+    if admin_runner is not None:
+        await admin_runner.cleanup()
+    # Stops accepting, waits for in-flight handlers, then runs cleanup_ctx in reverse:
+    # plugins, upstream client, activity flush, Redis.
+    await runner.cleanup()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    try:
+        settings = load_settings(args.config)
+        validate_plugins(settings)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: ok")
+        return 0
+    logs.setup(args.log_format or settings.logging.format, args.log_level or settings.logging.level)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this is for odd platforms
+        runner = asyncio.run  # type: ignore[assignment]
+    try:
+        runner(serve(settings))
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:
+        # Start-up failures (a port in use, embedded Redis missing) in one line.
+        log.error("cannot start: %s: %s", type(e).__name__, e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Write-behind activity: last_activity, current_page, page_views and the sliding TTL.
+
+Requests never wait for Redis here. ``record`` is synchronous and only touches a dict that
+coalesces per session; a background task flushes it every ``flush_interval`` as one
+script call per batch, so N requests of M sessions cost ceil(M/BATCH) commands, not 4N.
+
+No page view is counted twice: each batch carries a random id that the script claims with
+SET NX before applying anything, and a batch that failed is retried with the *same* id and
+content. If the failure was a timeout after Redis had applied it, the retry is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from . import metrics
+from .config import ActivitySettings
+
+log = logging.getLogger("gateway.activity")
+
+BATCH = 500  # sessions per script call: bounds one call's argument list and run time
+_ARGS_PER_KEY = 5
+
+# KEYS[1] = batch marker, KEYS[2..] = session hashes
+# ARGV = idle_ttl, now, then per session: last_activity, page, views, deadline, login_time
+# login_time is empty for a session that must already exist (no resurrection after a
+# logout) and set for a guest created by the request that recorded it.
+_SCRIPT = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', 600) == false then return -1 end
+local idle = tonumber(ARGV[1])
+local now = tonumber(ARGV[2])
+local n = 0
+for i = 2, #KEYS do
+  local k = KEYS[i]
+  local b = 2 + (i - 2) * 5
+  local created = ARGV[b + 5]
+  local exists = redis.call('EXISTS', k) == 1
+  if exists or created ~= '' then
+    local ttl = math.min(idle, math.floor(tonumber(ARGV[b + 4]) - now))
+    if ttl <= 0 then
+      redis.call('DEL', k)
+    else
+      if not exists then redis.call('HSET', k, 'login_time', created) end
+      redis.call('HSET', k, 'last_activity', ARGV[b + 1], 'current_page', ARGV[b + 2])
+      redis.call('HINCRBY', k, 'page_views', ARGV[b + 3])
+      redis.call('EXPIRE', k, ttl)
+      n = n + 1
+    end
+  end
+end
+return n
+"""
+
+
+@dataclass(slots=True)
+class Pending:
+    last_activity: float
+    page: str
+    views: int
+    deadline: float
+    login_time: str  # "" unless this entry may create the hash (a new guest)
+
+
+@dataclass(slots=True)
+class Batch:
+    id: str
+    entries: dict[str, Pending]
+
+
+class ActivityWriter:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: ActivitySettings,
+        idle_ttl: int,
+        key_prefix: str = "",
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.idle_ttl = idle_ttl
+        self.key_prefix = key_prefix
+        self._pending: dict[str, Pending] = {}
+        self._retry: list[Batch] = []
+        self._in_flight: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._script = redis.register_script(_SCRIPT)
+
+    # -- request side (synchronous, never blocks) --------------------------------------
+
+    def record(self, key: str, page: str, deadline: float, login_time: str = "") -> None:
+        now = time.time()
+        p = self._pending.get(key)
+        if p is not None:
+            p.last_activity = now
+            p.page = page
+            p.views += 1
+            return
+        if self.pending_count() >= self.settings.max_pending:
+            self._drop_oldest()
+        self._pending[key] = Pending(now, page, 1, deadline, login_time)
+
+    def pending_count(self) -> int:
+        return len(self._pending) + sum(len(b.entries) for b in self._retry)
+
+    def _drop_oldest(self) -> None:
+        # Oldest first: a batch waiting for retry is older than anything in _pending.
+        if self._retry:
+            batch = self._retry[0]
+            batch.entries.pop(next(iter(batch.entries)))
+            if not batch.entries:
+                self._retry.pop(0)
+        elif self._pending:
+            self._pending.pop(next(iter(self._pending)))
+        metrics.ACTIVITY_DROPPED.inc()
+
+    async def discard(self, key: str) -> None:
+        """Forget buffered activity of a session that is being deleted or replaced, so a
+        later flush cannot recreate it; waits for a flush already on the wire."""
+        self._pending.pop(key, None)
+        for b in self._retry:
+            # Safe either way: if that batch was applied, the retry is skipped by its id.
+            b.entries.pop(key, None)
+        if self._in_flight is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._in_flight)
+
+    # -- background side ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="activity-writer")
+
+    async def _run(self) -> None:
+        backoff = self.settings.flush_interval
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), backoff)
+            self._wake.clear()
+            ok = await self.flush()
+            backoff = (
+                self.settings.flush_interval if ok else min(backoff * 2, self.settings.max_backoff)
+            )
+
+    async def flush(self) -> bool:
+        """Send everything buffered; True when nothing is left over."""
+        if self._pending:
+            fresh, self._pending = self._pending, {}
+            items = list(fresh.items())
+            for i in range(0, len(items), BATCH):
+                self._retry.append(Batch(secrets.token_hex(8), dict(items[i : i + BATCH])))
+        self._retry = [b for b in self._retry if b.entries]
+        if not self._retry:
+            metrics.ACTIVITY_PENDING.set(0)
+            return True
+        batches = list(self._retry)
+        loop = asyncio.get_running_loop()
+        self._in_flight = loop.create_future()
+        try:
+            async with asyncio.timeout(self._call_timeout(len(batches))):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for b in batches:
+                        keys, args = self._encode(b)
+                        await self._script(keys=keys, args=args, client=pipe)
+                    await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as e:
+            metrics.ACTIVITY_FLUSHES.labels("error").inc()
+            metrics.REDIS_ERRORS.labels("activity").inc()
+            log.warning(
+                "activity flush failed (%s: %s); %d sessions kept for retry",
+                type(e).__name__,
+                e,
+                self.pending_count(),
+            )
+            return False
+        finally:
+            self._in_flight.set_result(None)
+            self._in_flight = None
+            metrics.ACTIVITY_PENDING.set(self.pending_count())
+        done = set(map(id, batches))
+        self._retry = [b for b in self._retry if id(b) not in done]
+        metrics.ACTIVITY_FLUSHES.labels("ok").inc()
+        return not self._retry and not self._pending
+
+    def _call_timeout(self, n: int) -> float:
+        # A big batch after an outage legitimately takes longer than one GET.
+        return 1.0 + 0.5 * n
+
+    def _encode(self, batch: Batch) -> tuple[list[str], list[str | int | float]]:
+        now = time.time()
+        keys: list[str] = [f"{self.key_prefix}gw:activity:{batch.id}"]
+        args: list[str | int | float] = [self.idle_ttl, f"{now:.3f}"]
+        for key, p in batch.entries.items():
+            keys.append(key)
+            args += [f"{p.last_activity:.3f}", p.page, p.views, f"{p.deadline:.3f}", p.login_time]
+        return keys, args
+
+    async def stop(self) -> None:
+        """Stop the loop and flush what is buffered, retrying within the shutdown budget."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        delay = 0.05
+        while self.pending_count() and time.monotonic() < deadline:
+            if await self.flush():
+                break
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 1.0)
+        if self.pending_count():
+            log.error(
+                "shutdown: %d sessions' activity could not be written (Redis unreachable)",
+                self.pending_count(),
+            )
+        else:
+            log.info("shutdown: activity flushed")

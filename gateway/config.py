@@ -1,0 +1,341 @@
+"""config.yaml → typed, frozen settings, validated once at start.
+
+Nothing on the request path reads raw dicts: everything here is checked and converted
+before the first connection is accepted. A bad file raises ConfigError with one line that
+names the key path (``routes[2].session: must be one of none, optional, required``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "ConfigError",
+    "CookieSettings",
+    "RedisSettings",
+    "RouteSettings",
+    "SessionSettings",
+    "Settings",
+    "UpstreamSettings",
+    "load_settings",
+    "parse_settings",
+]
+
+INSTRUCTIONS = ("login", "set", "logout", "cart")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """A config problem, already phrased as one line: ``key.path: what is wrong``."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CookieSettings(_Frozen):
+    name: str = "sid"
+    secure: bool = True
+    http_only: bool = True
+    same_site: Literal["Strict", "Lax", "None"] = "Lax"
+    domain: str | None = None
+    path: str = "/"
+    # Keep the gateway cookie in the Cookie header sent upstream (off by default: the
+    # backend has no business with the token).
+    forward: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _token_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", v):
+            raise ValueError("must be a valid cookie name (RFC 6265 token)")
+        return v
+
+    @model_validator(mode="after")
+    def _none_needs_secure(self) -> CookieSettings:
+        if self.same_site == "None" and not self.secure:
+            raise ValueError("same_site None requires secure: true (browsers reject it)")
+        return self
+
+
+class SessionSettings(_Frozen):
+    cookie: CookieSettings = CookieSettings()
+    idle_ttl: int = Field(3600, gt=0)
+    absolute_ttl: int = Field(28800, gt=0)
+    # Store the hash under session:<raw token> (the case study's layout) instead of
+    # session:<sha256(token)>. Only for migrating existing data: a dump leaks live tokens.
+    raw_token_keys: bool = False
+    key_prefix: str = ""
+
+    @model_validator(mode="after")
+    def _ttls(self) -> SessionSettings:
+        if self.absolute_ttl < self.idle_ttl:
+            raise ValueError("absolute_ttl must be >= idle_ttl")
+        return self
+
+
+class RedisSettings(_Frozen):
+    url: str = "embedded"
+    timeout: float = Field(0.5, gt=0, description="seconds for any one Redis call")
+    connect_timeout: float = Field(0.5, gt=0)
+    max_connections: int = Field(64, gt=0)
+    data_dir: str = "var/redis"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v != "embedded" and not re.match(r"^(redis|rediss|unix)://", v):
+            raise ValueError('must be "embedded" or a redis://, rediss:// or unix:// URL')
+        return v
+
+
+class ActivitySettings(_Frozen):
+    flush_interval: float = Field(0.1, gt=0, le=5)
+    max_pending: int = Field(100_000, gt=0, description="sessions buffered at most")
+    max_backoff: float = Field(5.0, gt=0)
+    shutdown_timeout: float = Field(5.0, gt=0)
+
+
+class UpstreamSettings(_Frozen):
+    servers: tuple[str, ...]
+    connect_timeout: float = Field(5.0, gt=0)
+    read_timeout: float = Field(60.0, gt=0)
+    eject_seconds: float = Field(10.0, ge=0)
+    max_connections: int = Field(256, gt=0)
+
+    @field_validator("servers")
+    @classmethod
+    def _servers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("must list at least one server")
+        for s in v:
+            if not re.fullmatch(r"https?://[^/?#\s]+", s.rstrip("/")):
+                raise ValueError(f"{s!r} must be http(s)://host:port with no path")
+        return tuple(s.rstrip("/") for s in v)
+
+
+class RouteSettings(_Frozen):
+    path: str
+    upstream: str
+    session: Literal["none", "optional", "required"] = "optional"
+    methods: tuple[str, ...] | None = None
+    host: str | None = None
+    instructions: tuple[Literal["login", "set", "logout", "cart"], ...] = ()
+    guest: bool = False
+    on_redis_error: Literal["open", "closed"] = "open"
+    login_url: str | None = None
+    websocket: bool = False
+    # Narrow the X-Session-<Field> headers the backend receives (None: every field).
+    session_fields: tuple[str, ...] | None = None
+    # Plugins switched off on this route, by name.
+    disable_plugins: tuple[str, ...] = ()
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with /")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if v is None else tuple(m.upper() for m in v)
+
+    @field_validator("login_url")
+    @classmethod
+    def _login_url(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith("/") or v.startswith("//")):
+            raise ValueError("must be a same-site path starting with a single /")
+        return v
+
+    @model_validator(mode="after")
+    def _guest(self) -> RouteSettings:
+        if self.guest and self.session == "none":
+            raise ValueError("guest: true needs session optional or required")
+        return self
+
+
+class LoggingSettings(_Frozen):
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = False
+
+
+def _host_port(v: str) -> str:
+    _, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be host:port")
+    return v
+
+
+def split_host_port(v: str) -> tuple[str, int]:
+    host, _, port = v.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class AdminSettings(_Frozen):
+    # Health and Prometheus metrics on their own listener, so a route of the proxied
+    # application can never shadow them and they need not be exposed publicly.
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        return None if v is None else _host_port(v)
+
+
+class Settings(_Frozen):
+    listen: str = "127.0.0.1:8080"
+    redis: RedisSettings = RedisSettings()
+    session: SessionSettings = SessionSettings()
+    activity: ActivitySettings = ActivitySettings()
+    upstreams: dict[str, UpstreamSettings]
+    routes: tuple[RouteSettings, ...]
+    plugins: tuple[dict[str, Any], ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    shutdown_timeout: float = Field(15.0, gt=0)
+    max_request_header_size: int = Field(16384, gt=0)
+    logging: LoggingSettings = LoggingSettings()
+    admin: AdminSettings = AdminSettings()
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        return _host_port(v)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for n in v:
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError as e:
+                raise ValueError(f"{n!r} is not an IP address or network") from e
+        return v
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _plugins(cls, v: Any) -> Any:
+        if v is None:
+            return ()
+        if not isinstance(v, list):
+            raise ValueError("must be a list of plugin names or {name: {options}}")
+        out: list[dict[str, Any]] = []
+        for item in v:
+            if isinstance(item, str):
+                out.append({item: {}})
+            elif isinstance(item, dict) and len(item) == 1:
+                ((name, opts),) = item.items()
+                if opts is not None and not isinstance(opts, dict):
+                    raise ValueError(f"{name}: options must be a mapping")
+                out.append({str(name): opts or {}})
+            else:
+                raise ValueError("each entry must be a name or {name: {options}}")
+        return tuple(out)
+
+    @model_validator(mode="after")
+    def _cross(self) -> Settings:
+        if not self.routes:
+            raise ValueError("routes: must list at least one route")
+        for i, r in enumerate(self.routes):
+            if r.upstream not in self.upstreams:
+                known = ", ".join(sorted(self.upstreams)) or "none defined"
+                raise ValueError(
+                    f"routes[{i}].upstream: unknown upstream {r.upstream!r} (known: {known})"
+                )
+        return self
+
+    def plugin_entries(self) -> list[tuple[str, dict[str, Any]]]:
+        return [next(iter(p.items())) for p in self.plugins]
+
+
+def _expand_env(node: Any, path: str) -> Any:
+    if isinstance(node, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            val = os.environ.get(name)
+            if val is None or (val == "" and default is not None):
+                if default is None:
+                    raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set")
+                return default
+            return val
+
+        return _ENV_RE.sub(sub, node)
+    if isinstance(node, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, f"{path}[{i}]") for i, v in enumerate(node)]
+    return node
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith("function-") or part in ("tagged-union",):
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out or "<root>"
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors(include_url=False)[0]
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    loc = _loc(tuple(err["loc"]))
+    # Cross-field errors already name their own path.
+    if loc == "<root>" and re.match(r"^[\w\[\].]+: ", msg):
+        return msg
+    if err["type"] == "literal_error":
+        allowed = msg.removeprefix("Input should be ").replace("'", "").replace(" or ", ", ")
+        msg = f"must be one of {allowed}"
+    elif err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "is required"
+    return f"{loc}: {msg}"
+
+
+def parse_settings(raw: Any) -> Settings:
+    if raw is None:
+        raise ConfigError("<root>: the file is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError("<root>: must be a mapping of settings")
+    expanded = _expand_env(raw, "")
+    try:
+        return Settings.model_validate(expanded)
+    except ValidationError as e:
+        raise ConfigError(_first_error(e)) from None
+
+
+def load_settings(path: str | Path) -> Settings:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"<root>: not valid YAML{where}") from None
+    return parse_settings(raw)

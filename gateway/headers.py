@@ -1,0 +1,146 @@
+"""Header rules: what may cross the gateway in each direction, and how values are encoded.
+
+The gateway's own headers are trusted by the backend, so every spelling a client could
+use to forge one is removed before they are added (step 3 and 6 of the request path).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from urllib.parse import quote, unquote
+
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+
+# RFC 9110 §7.6.1 plus the de-facto ones (Keep-Alive, Proxy-Connection).
+HOP_BY_HOP = frozenset(
+    istr(h)
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Connection",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
+SESSION_PREFIX = "x-session-"
+# Headers the gateway itself sets towards the backend: a client-sent copy is replaced.
+GATEWAY_REQUEST_HEADERS = frozenset(
+    istr(h) for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Request-Id")
+)
+_VISIBLE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+FIELD_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{8,128}")
+
+
+def normalized(name: str) -> str:
+    """The name as a header-name comparison sees it: lower-case, ``_`` read as ``-``.
+
+    Some servers (CGI, WSGI, nginx with underscores_in_headers) turn ``X_Session_User_Id``
+    into the same variable as ``X-Session-User-Id``, so both spellings are one header here.
+    """
+    return name.lower().replace("_", "-")
+
+
+def is_session_header(name: str) -> bool:
+    return normalized(name).startswith(SESSION_PREFIX)
+
+
+def connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[str]:
+    tokens: set[str] = set()
+    getall = getattr(headers, "getall", None)
+    values: Iterable[str] = getall("Connection", ()) if getall else [headers.get("Connection", "")]
+    for value in values:
+        for tok in value.split(","):
+            tok = tok.strip()
+            if tok:
+                tokens.add(normalized(tok))
+    return tokens
+
+
+def strip_headers(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str],
+    *,
+    drop: frozenset[istr] = frozenset(),
+) -> CIMultiDict[str]:
+    """A copy without hop-by-hop headers, names listed in Connection, any X-Session-*
+    spelling, and ``drop``."""
+    listed = connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        key = istr(name)
+        if key in HOP_BY_HOP or key in drop:
+            continue
+        norm = normalized(name)
+        if norm in listed or norm.startswith(SESSION_PREFIX):
+            continue
+        out.add(name, value)
+    return out
+
+
+def header_name_for(field: str) -> str:
+    """``user_id`` → ``X-Session-User-Id``."""
+    return "X-Session-" + "-".join(p.capitalize() for p in field.split("_"))
+
+
+def encode_value(value: str) -> str:
+    """Percent-encode anything outside visible ASCII, and ``%`` itself, so a stored value
+    can never split or add a header and a backend may always percent-decode."""
+    if all(0x21 <= ord(c) <= 0x7E and c != "%" for c in value):
+        return value
+    return quote(value, safe=_VISIBLE)
+
+
+def parse_params(value: str) -> dict[str, str] | None:
+    """``a=1; b=x%40y`` → ``{"a": "1", "b": "x@y"}``; None when malformed.
+
+    A key given twice is malformed: silently taking one of them would let a confused or
+    compromised backend smuggle a second user_id past a reviewer reading logs.
+    """
+    out: dict[str, str] = {}
+    for part in value.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, val = part.partition("=")
+        key = key.strip().lower()
+        if not sep or not FIELD_NAME_RE.fullmatch(key) or key in out:
+            return None
+        try:
+            out[key] = unquote(val.strip(), errors="strict")
+        except UnicodeDecodeError:
+            return None
+    return out
+
+
+def parse_cookie_values(cookie_headers: Iterable[str], name: str) -> list[str]:
+    """Every value the client sent for cookie ``name`` (several means: no session)."""
+    found: list[str] = []
+    for header in cookie_headers:
+        for pair in header.split(";"):
+            k, sep, v = pair.strip().partition("=")
+            if sep and k.strip() == name:
+                found.append(v.strip().strip('"'))
+    return found
+
+
+def remove_cookie(cookie_headers: Iterable[str], name: str) -> str | None:
+    """The Cookie header without cookie ``name``; None when nothing is left."""
+    kept: list[str] = []
+    for header in cookie_headers:
+        for pair in header.split(";"):
+            pair = pair.strip()
+            if not pair:
+                continue
+            k, _, _ = pair.partition("=")
+            if k.strip() != name:
+                kept.append(pair)
+    return "; ".join(kept) or None
+
+
+def set_cookie_name(value: str) -> str:
+    return value.split("=", 1)[0].strip()

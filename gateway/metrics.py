@@ -1,0 +1,25 @@
+"""Process-wide Prometheus metrics (one registry per process; several apps in one test
+process share it, which is why tests compare deltas rather than absolute values)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("gateway_requests_total", "Requests answered", ["route", "status_class"])
+UPSTREAM_ERRORS = Counter("gateway_upstream_errors_total", "Upstream failures", ["kind"])
+UPSTREAM_EJECTIONS = Counter("gateway_upstream_ejections_total", "Servers ejected", ["server"])
+REDIS_ERRORS = Counter("gateway_redis_errors_total", "Redis calls that failed", ["op"])
+INSTRUCTIONS = Counter(
+    "gateway_instructions_total", "Backend instruction headers", ["instruction", "outcome"]
+)
+ACTIVITY_DROPPED = Counter(
+    "gateway_activity_dropped_total", "Activity updates dropped on buffer overflow"
+)
+ACTIVITY_FLUSHES = Counter("gateway_activity_flushes_total", "Activity flushes", ["outcome"])
+ACTIVITY_PENDING = Gauge("gateway_activity_pending", "Sessions with unflushed activity")
+PLUGIN_ERRORS = Counter("gateway_plugin_errors_total", "Plugin hooks that raised", ["plugin"])
+LATENCY = Histogram(
+    "gateway_request_seconds",
+    "Time to response headers",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)

@@ -1,0 +1,718 @@
+"""The request path, end to end (DESIGN.md "One request, end to end")."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+from redis.exceptions import RedisError
+from yarl import URL
+
+from . import metrics
+from .config import RouteSettings, Settings
+from .headers import (
+    FIELD_NAME_RE,
+    GATEWAY_REQUEST_HEADERS,
+    REQUEST_ID_RE,
+    encode_value,
+    header_name_for,
+    is_session_header,
+    normalized,
+    parse_cookie_values,
+    parse_params,
+    remove_cookie,
+    set_cookie_name,
+    strip_headers,
+)
+from .logs import request_id_var
+from .plugin import CartInstruction, Chain, Plugin, RequestContext, ResponseHead
+from .routing import Router
+from .sessions import RESERVED_FIELDS, Session, SessionStore, valid_token
+from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .activity import ActivityWriter
+
+log = logging.getLogger("gateway.proxy")
+
+REDIS_FAILURES = (RedisError, OSError, TimeoutError)
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+CHUNK = 64 * 1024
+MAX_PAGE = 512  # bytes of current_page kept per session
+INSTRUCTION_HEADERS = {
+    "x-session-login": "login",
+    "x-session-set": "set",
+    "x-session-logout": "logout",
+    "x-session-cart-add": "cart",
+    "x-session-cart-remove": "cart",
+    "x-session-cart-clear": "cart",
+}
+_HOST_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]")
+
+
+class RedisUnavailable(Exception):
+    """Redis did not answer within its timeout."""
+
+
+def _text(status: int, body: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=body + "\n", headers=headers)
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        store: SessionStore,
+        activity: ActivityWriter,
+        chain: Chain,
+        client: aiohttp.ClientSession,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.activity = activity
+        self.chain = chain
+        self.client = client
+        self.router = Router(settings.routes)
+        self.upstreams = {n: Upstream(n, u) for n, u in settings.upstreams.items()}
+        self.cookie = settings.session.cookie
+        self.redis_timeout = settings.redis.timeout
+        self._trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
+        self._background: set[asyncio.Task[tuple[bool, object]]] = set()
+        self._timeouts = {
+            n: aiohttp.ClientTimeout(
+                total=None, sock_connect=u.connect_timeout, sock_read=u.read_timeout
+            )
+            for n, u in settings.upstreams.items()
+        }
+
+    # -- entry point ---------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        rid = request.headers.get("X-Request-Id", "")
+        if len(request.headers.getall("X-Request-Id", ())) != 1 or not REQUEST_ID_RE.fullmatch(rid):
+            rid = uuid.uuid4().hex
+        request_id_var.set(rid)
+        route: RouteSettings | None = None
+        try:
+            bad = self._malformed(request)
+            if bad:
+                resp: web.StreamResponse = _text(400, f"bad request: {bad}")
+            else:
+                route = self.router.match(request.path, request.method, request.host)
+                if route is None:
+                    resp = _text(404, "no route")
+                else:
+                    resp = await self._handle_route(request, route, rid)
+        except web.HTTPException:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            resp = _text(500, "gateway error")
+        if not resp.prepared:
+            resp.headers.setdefault("X-Request-Id", rid)
+        metrics.REQUESTS.labels(route.path if route else "-", f"{resp.status // 100}xx").inc()
+        metrics.LATENCY.observe(time.perf_counter() - started)
+        return resp
+
+    def _malformed(self, request: web.Request) -> str | None:
+        """Request smuggling shapes the parser may have let through (defence in depth:
+        both aiohttp parsers reject most of these themselves)."""
+        h = request.headers
+        cls = h.getall("Content-Length", ())
+        tes = h.getall("Transfer-Encoding", ())
+        if len(cls) > 1:
+            return "duplicate Content-Length"
+        if cls and tes:
+            return "Content-Length with Transfer-Encoding"
+        if tes and [t.strip().lower() for t in ",".join(tes).split(",")] != ["chunked"]:
+            return "unsupported Transfer-Encoding"
+        if cls and not cls[0].isdigit():
+            return "invalid Content-Length"
+        hosts = h.getall("Host", ())
+        if len(hosts) > 1 or (hosts and not set(hosts[0]) <= _HOST_RE_CHARS):
+            return "invalid Host"
+        path = request.path
+        if "/../" in path or path.endswith("/..") or "/./" in path or "\x00" in path:
+            return "dot segments in path"
+        return None
+
+    # -- one route -----------------------------------------------------------------------
+
+    async def _handle_route(
+        self, request: web.Request, route: RouteSettings, rid: str
+    ) -> web.StreamResponse:
+        ctx = RequestContext(request=request, route=route, request_id=rid)
+        set_cookies: list[str] = []
+        if route.session != "none":
+            early = await self._resolve_session(ctx, set_cookies)
+            if early is not None:
+                return early
+        plugins = self.chain.for_route(route)
+        answer: web.StreamResponse | None = None
+        for p in plugins:
+            ok, result = await self.chain.guarded(p, "request", lambda p=p: p.request(ctx))  # type: ignore[misc]
+            if not ok:
+                return _text(503, "service unavailable", {"Retry-After": "5"})
+            if result is not None:
+                answer = result
+                break
+
+        if answer is not None:
+            return await self._answer_directly(ctx, plugins, answer, set_cookies)
+
+        if _is_websocket(request):
+            if route.websocket:
+                return await self._websocket(ctx)
+
+        upstream = self.upstreams[route.upstream]
+        headers = self._upstream_headers(ctx)
+        try:
+            upstream_resp = await self._send(request, upstream, headers, route.upstream)
+        except _UpstreamFailure as f:
+            return _text(f.status, f.message)
+        try:
+            return await self._respond(ctx, plugins, upstream_resp, set_cookies)
+        finally:
+            upstream_resp.release()
+
+    async def _call_redis(self, op: str, coro: object) -> object:
+        try:
+            async with asyncio.timeout(self.redis_timeout):
+                return await coro  # type: ignore[misc]
+        except REDIS_FAILURES as e:
+            metrics.REDIS_ERRORS.labels(op).inc()
+            log.warning("redis %s failed: %s: %s", op, type(e).__name__, e)
+            raise RedisUnavailable(op) from e
+
+    async def _resolve_session(
+        self, ctx: RequestContext, set_cookies: list[str]
+    ) -> web.StreamResponse | None:
+        request, route = ctx.request, ctx.route
+        values = parse_cookie_values(request.headers.getall("Cookie", ()), self.cookie.name)
+        # Two values for our cookie (e.g. one planted on a parent domain) is ambiguous:
+        # take neither rather than guess which one the user really holds.
+        token = values[0] if len(values) == 1 and valid_token(values[0]) else None
+        stale = bool(values)
+        if token is not None:
+            try:
+                ctx.session = await self._call_redis("load", self.store.load(token))  # type: ignore[assignment]
+            except RedisUnavailable:
+                ctx.redis_ok = False
+                if route.on_redis_error == "closed":
+                    return _text(503, "session store unavailable", {"Retry-After": "5"})
+                return None
+            stale = ctx.session is None
+        if ctx.session is None and route.guest:
+            ctx.session = self.store.new_guest()
+            set_cookies.append(self._cookie(ctx.session.token))
+        elif stale and ctx.session is None and len(values) <= 1:
+            set_cookies.append(self._expired_cookie())
+        if ctx.session is None and route.session == "required":
+            return self._unauthenticated(request, route, set_cookies)
+        return None
+
+    def _unauthenticated(
+        self, request: web.Request, route: RouteSettings, set_cookies: list[str]
+    ) -> web.StreamResponse:
+        if route.login_url and request.method in ("GET", "HEAD"):
+            # Only a same-site relative path goes into next: an absolute or
+            # scheme-relative URL there would make the login page an open redirect.
+            nxt = request.raw_path
+            if not nxt.startswith("/") or nxt.startswith("//") or "\\" in nxt:
+                nxt = "/"
+            sep = "&" if "?" in route.login_url else "?"
+            resp = web.Response(
+                status=302,
+                headers={"Location": f"{route.login_url}{sep}next={quote(nxt, safe='')}"},
+            )
+        else:
+            resp = _text(401, "login required")
+        for c in set_cookies:
+            resp.headers.add("Set-Cookie", c)
+        return resp
+
+    # -- towards the upstream ------------------------------------------------------------
+
+    def _peer_trusted(self, peer: str | None) -> bool:
+        if not peer or not self._trusted:
+            return False
+        try:
+            addr = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(addr in n for n in self._trusted)
+
+    def _upstream_headers(self, ctx: RequestContext) -> CIMultiDict[str]:
+        request = ctx.request
+        headers = strip_headers(
+            request.headers,
+            drop=GATEWAY_REQUEST_HEADERS | {istr("Host"), istr("Cookie")},
+        )
+        cookies = request.headers.getall("Cookie", ())
+        if cookies:
+            kept = (
+                "; ".join(cookies)
+                if self.cookie.forward
+                else remove_cookie(cookies, self.cookie.name)
+            )
+            if kept:
+                headers["Cookie"] = kept
+        # Everything below is added after all stripping, so nothing the client sent
+        # (not even "Connection: X-Forwarded-For") can remove or shadow it.
+        peer = request.remote or ""
+        trusted = self._peer_trusted(peer)
+        xff = ", ".join(request.headers.getall("X-Forwarded-For", ())) if trusted else ""
+        headers["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
+        proto = request.headers.get("X-Forwarded-Proto", "") if trusted else ""
+        headers["X-Forwarded-Proto"] = proto if proto in ("http", "https") else request.scheme
+        host = request.headers.get("X-Forwarded-Host", "") if trusted else ""
+        headers["X-Forwarded-Host"] = host or request.host
+        headers["X-Request-Id"] = ctx.request_id
+        if ctx.route.session != "none":
+            self._session_headers(ctx, headers)
+        return headers
+
+    def _session_headers(self, ctx: RequestContext, headers: CIMultiDict[str]) -> None:
+        s = ctx.session
+        headers["X-Session-Authenticated"] = (
+            "true" if s is not None and s.authenticated else "false"
+        )
+        if s is None:
+            return
+        headers["X-Session-Id"] = s.id
+        only = ctx.route.session_fields
+        for name, value in s.fields.items():
+            if only is not None and name not in only:
+                continue
+            if not FIELD_NAME_RE.fullmatch(name):
+                continue  # a field written by other software: no safe header name
+            headers[header_name_for(name)] = encode_value(value)
+        for name, value in ctx.session_headers.items():
+            if normalized(name).startswith("x-session-"):
+                headers[name] = encode_value(value)
+
+    async def _send(
+        self,
+        request: web.Request,
+        upstream: Upstream,
+        headers: CIMultiDict[str],
+        name: str,
+    ) -> aiohttp.ClientResponse:
+        body = _body(request) if request.body_exists else None
+        retry_ok = request.method in IDEMPOTENT and body is None
+        last_error = ""
+        for server in upstream.candidates():
+            url = server.join(URL(request.raw_path, encoded=True))
+            try:
+                resp = await self.client.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    timeout=self._timeouts[name],
+                    auto_decompress=False,
+                )
+            except aiohttp.ClientConnectorError as e:
+                # Nothing was sent: safe to move on for an idempotent request, and for
+                # any request whose body has not been touched yet.
+                upstream.eject(server)
+                metrics.UPSTREAM_ERRORS.labels("connect").inc()
+                last_error = str(e)
+                if retry_ok or body is None or not getattr(body, "started", True):
+                    continue
+                raise _UpstreamFailure(
+                    502, "bad gateway: upstream refused the connection"
+                ) from None
+            except (TimeoutError, aiohttp.ServerTimeoutError):
+                metrics.UPSTREAM_ERRORS.labels("timeout").inc()
+                raise _UpstreamFailure(
+                    504, "gateway timeout: upstream did not answer in time"
+                ) from None
+            except aiohttp.ClientError as e:
+                metrics.UPSTREAM_ERRORS.labels("protocol").inc()
+                log.warning("upstream %s %s: %s: %s", name, server, type(e).__name__, e)
+                raise _UpstreamFailure(502, "bad gateway: invalid upstream response") from None
+            upstream.restore(server)
+            return resp
+        log.warning("upstream %s: no server accepted the connection (%s)", name, last_error)
+        raise _UpstreamFailure(502, "bad gateway: upstream refused the connection")
+
+    # -- back towards the client ---------------------------------------------------------
+
+    async def _respond(
+        self,
+        ctx: RequestContext,
+        plugins: list[Plugin],
+        upstream_resp: aiohttp.ClientResponse,
+        set_cookies: list[str],
+    ) -> web.StreamResponse:
+        request = ctx.request
+        try:
+            await self._apply_instructions(ctx, upstream_resp.headers, plugins, set_cookies)
+        except RedisUnavailable:
+            return _text(503, "session store unavailable; try again", {"Retry-After": "5"})
+        headers = strip_headers(upstream_resp.headers)
+        backend_cookies = headers.getall("Set-Cookie", ())
+        if any(set_cookie_name(v) == self.cookie.name for v in backend_cookies):
+            # The gateway owns this cookie; a backend must not overwrite the token.
+            headers.popall("Set-Cookie")
+            for v in backend_cookies:
+                if set_cookie_name(v) != self.cookie.name:
+                    headers.add("Set-Cookie", v)
+            _dropped("set-cookie", "gateway-cookie")
+        for c in set_cookies:
+            headers.add("Set-Cookie", c)
+        headers["X-Request-Id"] = ctx.request_id
+        head = ResponseHead(upstream_resp.status, headers, from_upstream=True)
+        ctx.response = head
+        for p in plugins:
+            ok, _ = await self.chain.guarded(p, "response", lambda p=p: p.response(ctx, head))  # type: ignore[misc]
+            if not ok:
+                return _text(503, "service unavailable", {"Retry-After": "5"})
+        self._record_activity(ctx)
+        resp = web.StreamResponse(status=head.status, reason=upstream_resp.reason)
+        resp.headers.update(head.headers)
+        if "Content-Length" in head.headers:
+            resp.content_length = int(head.headers["Content-Length"])
+        await resp.prepare(request)
+        if request.method != "HEAD" and head.status not in (204, 304):
+            try:
+                async for chunk in upstream_resp.content.iter_any():
+                    await resp.write(chunk)
+            except (aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError, TimeoutError) as e:
+                # Headers are gone already: all we can do is cut the connection so the
+                # client sees a truncated response instead of a silently short one.
+                log.warning("upstream body failed mid-stream: %s", e)
+                metrics.UPSTREAM_ERRORS.labels("body").inc()
+                if request.transport is not None:
+                    request.transport.close()
+                self._completed(ctx, plugins)
+                return resp
+        await resp.write_eof()
+        self._completed(ctx, plugins)
+        return resp
+
+    async def _answer_directly(
+        self,
+        ctx: RequestContext,
+        plugins: list[Plugin],
+        answer: web.StreamResponse,
+        set_cookies: list[str],
+    ) -> web.StreamResponse:
+        if not answer.prepared:
+            for c in set_cookies:
+                answer.headers.add("Set-Cookie", c)
+            head = ResponseHead(answer.status, CIMultiDict(answer.headers), from_upstream=False)
+            ctx.response = head
+            for p in plugins:
+                ok, _ = await self.chain.guarded(p, "response", lambda p=p: p.response(ctx, head))  # type: ignore[misc]
+                if not ok:
+                    return _text(503, "service unavailable", {"Retry-After": "5"})
+            answer.set_status(head.status)
+            answer.headers.clear()
+            answer.headers.update(head.headers)
+        self._record_activity(ctx)
+        self._completed(ctx, plugins)
+        return answer
+
+    def _record_activity(self, ctx: RequestContext) -> None:
+        s = ctx.session
+        if s is None or not ctx.redis_ok:
+            return
+        page = ctx.request.path
+        if len(page) > MAX_PAGE:
+            page = page[:MAX_PAGE]
+        self.activity.record(
+            self.store.keys.session(s.key_id),
+            page,
+            s.deadline,
+            s.fields["login_time"] if s.new else "",
+        )
+
+    def _completed(self, ctx: RequestContext, plugins: list[Plugin]) -> None:
+        for p in plugins:
+            if type(p).complete is Plugin.complete:
+                continue
+            task = asyncio.create_task(
+                self.chain.guarded(p, "complete", lambda p=p: p.complete(ctx)),  # type: ignore[misc]
+                name=f"complete-{p.name}",
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def drain_background(self, seconds: float) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=seconds)
+
+    # -- backend instructions ------------------------------------------------------------
+
+    async def _apply_instructions(
+        self,
+        ctx: RequestContext,
+        resp_headers: CIMultiDictProxy[str],
+        plugins: list[Plugin],
+        set_cookies: list[str],
+    ) -> None:
+        found: dict[str, list[str]] = {}
+        for name, value in resp_headers.items():
+            if is_session_header(name):
+                found.setdefault(normalized(name), []).append(value)
+        if not found:
+            return
+        allowed = ctx.route.instructions
+        parsed: dict[str, dict[str, str]] = {}
+        for name, values in found.items():
+            kind = INSTRUCTION_HEADERS.get(name)
+            label = name.removeprefix("x-session-")
+            if kind is None:
+                _dropped(label, "unknown")
+                continue
+            if kind not in allowed:
+                _dropped(label, "not-allowed")
+                continue
+            if len(values) != 1:
+                _dropped(label, "duplicated")
+                continue
+            params = _parse_instruction(name, values[0])
+            if params is None:
+                _dropped(label, "malformed")
+                continue
+            parsed[name] = params
+
+        if "x-session-logout" in parsed:
+            await self._logout(ctx, plugins, parsed["x-session-logout"], set_cookies)
+        if "x-session-login" in parsed:
+            await self._login(ctx, plugins, parsed["x-session-login"], set_cookies)
+        if "x-session-set" in parsed:
+            await self._set(ctx, parsed["x-session-set"])
+        cart = [
+            CartInstruction(kind, parsed[f"x-session-cart-{kind}"])
+            for kind in ("clear", "remove", "add")
+            if f"x-session-cart-{kind}" in parsed
+        ]
+        if cart:
+            if ctx.session is None:
+                _dropped("cart", "no-session")
+            else:
+                for p in plugins:
+                    await self.chain.guarded(p, "cart", lambda p=p: p.cart(ctx, cart))  # type: ignore[misc]
+                metrics.INSTRUCTIONS.labels("cart", "applied").inc(len(cart))
+
+    async def _login(
+        self,
+        ctx: RequestContext,
+        plugins: list[Plugin],
+        fields: dict[str, str],
+        set_cookies: list[str],
+    ) -> None:
+        if not fields.get("user_id"):
+            _dropped("login", "malformed")
+            return
+        fields = {k: v for k, v in fields.items() if k not in RESERVED_FIELDS or k == "user_id"}
+        old = ctx.session
+        if old is not None:
+            await self.activity.discard(self.store.keys.session(old.key_id))
+        new: Session = await self._call_redis("login", self.store.login(old, fields))  # type: ignore[assignment]
+        for p in plugins:
+            # The session exists now; a plugin that cannot move its state is logged
+            # rather than turning a completed login into an error.
+            await self.chain.guarded(p, "login", lambda p=p: p.login(ctx, old, new))  # type: ignore[misc]
+        ctx.rotated_from = old
+        ctx.session = new
+        set_cookies[:] = [c for c in set_cookies if set_cookie_name(c) != self.cookie.name]
+        set_cookies.append(self._cookie(new.token))
+        metrics.INSTRUCTIONS.labels("login", "applied").inc()
+        log.info("login user_id=%s session=%s", new.user_id, new.id[:12])
+
+    async def _set(self, ctx: RequestContext, fields: dict[str, str]) -> None:
+        s = ctx.session
+        clean = {k: v for k, v in fields.items() if k not in RESERVED_FIELDS}
+        if s is None or not clean:
+            _dropped("set", "no-session" if s is None else "reserved")
+            return
+        if s.new:
+            s.fields.update(clean)
+            await self._call_redis("set", self.store.create(s))
+        else:
+            await self._call_redis("set", self.store.update(s, clean))
+        metrics.INSTRUCTIONS.labels("set", "applied").inc()
+
+    async def _logout(
+        self,
+        ctx: RequestContext,
+        plugins: list[Plugin],
+        params: dict[str, str],
+        set_cookies: list[str],
+    ) -> None:
+        s = ctx.session
+        everywhere = "all" in params or params.get("scope") == "all"
+        set_cookies[:] = [c for c in set_cookies if set_cookie_name(c) != self.cookie.name]
+        set_cookies.append(self._expired_cookie())
+        ctx.session = None
+        if s is None or s.new:
+            metrics.INSTRUCTIONS.labels("logout", "applied").inc()
+            return
+        await self.activity.discard(self.store.keys.session(s.key_id))
+        await self._call_redis("logout", self.store.logout(s, everywhere))
+        metrics.INSTRUCTIONS.labels("logout", "applied").inc()
+        for p in plugins:
+            await self.chain.guarded(p, "logout", lambda p=p: p.logout(ctx, [s.key_id]))  # type: ignore[misc]
+        log.info("logout%s session=%s", " everywhere" if everywhere else "", s.id[:12])
+
+    # -- cookies -------------------------------------------------------------------------
+
+    def _cookie_attrs(self) -> str:
+        c = self.cookie
+        parts = [f"Path={c.path}"]
+        if c.domain:
+            parts.append(f"Domain={c.domain}")
+        if c.http_only:
+            parts.append("HttpOnly")
+        if c.secure:
+            parts.append("Secure")
+        parts.append(f"SameSite={c.same_site}")
+        return "; ".join(parts)
+
+    def _cookie(self, token: str) -> str:
+        return (
+            f"{self.cookie.name}={token}; Max-Age={self.settings.session.absolute_ttl}; "
+            + self._cookie_attrs()
+        )
+
+    def _expired_cookie(self) -> str:
+        return (
+            f"{self.cookie.name}=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; "
+            + self._cookie_attrs()
+        )
+
+    # -- WebSocket -----------------------------------------------------------------------
+
+    async def _websocket(self, ctx: RequestContext) -> web.StreamResponse:
+        request = ctx.request
+        upstream = self.upstreams[ctx.route.upstream]
+        headers = self._upstream_headers(ctx)
+        for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions"):
+            headers.popall(h, None)
+        protocols = [
+            p.strip()
+            for p in ",".join(headers.popall("Sec-WebSocket-Protocol", [])).split(",")
+            if p.strip()
+        ]
+        upstream_ws: aiohttp.ClientWebSocketResponse | None = None
+        for server in upstream.candidates():
+            url = server.join(URL(request.raw_path, encoded=True))
+            try:
+                upstream_ws = await self.client.ws_connect(
+                    url,
+                    headers=headers,
+                    protocols=protocols,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+                    autoping=True,
+                )
+                break
+            except aiohttp.ClientConnectorError:
+                upstream.eject(server)
+                continue
+            except aiohttp.WSServerHandshakeError as e:
+                return _text(502, f"bad gateway: upstream refused the WebSocket ({e.status})")
+            except (aiohttp.ClientError, TimeoutError):
+                return _text(504, "gateway timeout: upstream WebSocket handshake")
+        if upstream_ws is None:
+            return _text(502, "bad gateway: upstream refused the connection")
+        self._record_activity(ctx)
+        client_ws = web.WebSocketResponse(
+            protocols=[upstream_ws.protocol] if upstream_ws.protocol else ()
+        )
+        await client_ws.prepare(request)
+
+        async def pump(
+            src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+            dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+        ) -> None:
+            async for msg in src:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    await dst.send_str(msg.data)
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    await dst.send_bytes(msg.data)
+                else:
+                    break
+            await dst.close()
+
+        async with upstream_ws:
+            tasks = [
+                asyncio.create_task(pump(client_ws, upstream_ws)),
+                asyncio.create_task(pump(upstream_ws, client_ws)),
+            ]
+            _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in pending:
+                t.cancel()
+            for t in pending:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+        await client_ws.close()
+        return client_ws
+
+
+class _UpstreamFailure(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _Body:
+    """The client's request body as an async iterator that remembers whether it was
+    read, so a failed connect can be retried only while nothing has been consumed."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._content = request.content
+        self.started = False
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self.started = True
+        chunk = await self._content.read(CHUNK)
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+
+def _body(request: web.Request) -> _Body:
+    return _Body(request)
+
+
+def _is_websocket(request: web.Request) -> bool:
+    return (
+        request.headers.get("Upgrade", "").lower() == "websocket"
+        and "upgrade" in request.headers.get("Connection", "").lower()
+    )
+
+
+def _parse_instruction(name: str, value: str) -> dict[str, str] | None:
+    value = value.strip()
+    if name == "x-session-logout":
+        v = value.lower()
+        return {v: "1"} if v in ("this", "all") else None
+    if name == "x-session-cart-clear":
+        return {"clear": "1"} if value in ("1", "true", "yes") else None
+    return parse_params(value)
+
+
+def _dropped(instruction: str, why: str) -> None:
+    metrics.INSTRUCTIONS.labels(instruction, why).inc()
+    log.warning("instruction X-Session-%s dropped: %s", instruction.title(), why)

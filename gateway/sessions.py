@@ -1,0 +1,220 @@
+"""Sessions: tokens, Redis keys, and the reads and writes that are not activity.
+
+The cookie carries a random token; Redis keys use SHA-256 of it, so neither a Redis dump
+nor ``X-Session-Id`` hands out a live cookie (cf. Rack CVE-2019-16782).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from .config import SessionSettings
+
+TOKEN_BYTES = 32  # 256 bits from secrets; the format check below knows its length
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
+# Fields the gateway owns: a backend's X-Session-Set cannot forge them (user_id changes
+# only through a login, which also rotates the token).
+RESERVED_FIELDS = frozenset(
+    {"user_id", "login_time", "last_activity", "current_page", "page_views", "id", "authenticated"}
+)
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def valid_token(token: str) -> bool:
+    return TOKEN_RE.fullmatch(token) is not None
+
+
+def public_id(token: str) -> str:
+    return hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+class Keys:
+    """Key names in one place. With ``hash_tags`` (Redis Cluster) a session and its cart
+    share a slot: ``session:{id}`` and ``cart:{id}``."""
+
+    def __init__(self, prefix: str = "", *, raw_tokens: bool = False, hash_tags: bool = False):
+        self.prefix = prefix
+        self.raw_tokens = raw_tokens
+        self.hash_tags = hash_tags
+
+    def key_id(self, token: str) -> str:
+        return token if self.raw_tokens else public_id(token)
+
+    def _tag(self, key_id: str) -> str:
+        return f"{{{key_id}}}" if self.hash_tags else key_id
+
+    def session(self, key_id: str) -> str:
+        return f"{self.prefix}session:{self._tag(key_id)}"
+
+    def cart(self, key_id: str) -> str:
+        return f"{self.prefix}cart:{self._tag(key_id)}"
+
+    def viewed(self, key_id: str) -> str:
+        return f"{self.prefix}viewed:{self._tag(key_id)}"
+
+    def user_sessions(self, user_id: str) -> str:
+        return f"{self.prefix}user_sessions:{user_id}"
+
+
+@dataclass(slots=True)
+class Session:
+    token: str
+    key_id: str  # what goes into the Redis key names
+    id: str  # X-Session-Id: sha256 of the token, whatever the key layout
+    fields: dict[str, str]
+    deadline: float  # absolute expiry (epoch seconds)
+    new: bool = False  # created by this request (guest); not yet in Redis
+    changed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.fields.get("user_id"))
+
+    @property
+    def user_id(self) -> str | None:
+        return self.fields.get("user_id") or None
+
+
+class SessionStore:
+    def __init__(self, redis: Redis, settings: SessionSettings, keys: Keys) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = keys
+
+    def _deadline(self, fields: dict[str, str], now: float) -> float:
+        try:
+            start = float(fields.get("login_time", now))
+        except ValueError:
+            start = now
+        return start + self.settings.absolute_ttl
+
+    def from_fields(self, token: str, fields: dict[str, str], now: float) -> Session | None:
+        """The session these stored fields describe, or None when it has expired."""
+        if not fields:
+            return None
+        deadline = self._deadline(fields, now)
+        if now >= deadline:
+            return None
+        try:
+            last = float(fields.get("last_activity", now))
+        except ValueError:
+            last = now
+        if now - last > self.settings.idle_ttl:
+            return None
+        return Session(
+            token=token,
+            key_id=self.keys.key_id(token),
+            id=public_id(token),
+            fields=fields,
+            deadline=deadline,
+        )
+
+    async def load(self, token: str) -> Session | None:
+        fields = cast(
+            dict[str, str], await self.redis.hgetall(self.keys.session(self.keys.key_id(token)))
+        )
+        return self.from_fields(token, fields, time.time())
+
+    def new_guest(self) -> Session:
+        token = new_token()
+        now = time.time()
+        return Session(
+            token=token,
+            key_id=self.keys.key_id(token),
+            id=public_id(token),
+            fields={"login_time": _ts(now), "last_activity": _ts(now), "page_views": "0"},
+            deadline=now + self.settings.absolute_ttl,
+            new=True,
+        )
+
+    async def login(self, old: Session | None, fields: dict[str, str]) -> Session:
+        """A new session (new token, always) holding ``fields``; the old one is deleted in
+        the same transaction so a pre-login token never survives the login."""
+        token = new_token()
+        now = time.time()
+        stored = {
+            **fields,
+            "login_time": _ts(now),
+            "last_activity": _ts(now),
+            "page_views": "0",
+        }
+        session = Session(
+            token=token,
+            key_id=self.keys.key_id(token),
+            id=public_id(token),
+            fields=stored,
+            deadline=now + self.settings.absolute_ttl,
+        )
+        key = self.keys.session(session.key_id)
+        user_set = self.keys.user_sessions(stored["user_id"])
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if old is not None:
+                pipe.delete(self.keys.session(old.key_id))
+                if old.user_id:
+                    pipe.srem(self.keys.user_sessions(old.user_id), old.key_id)
+            pipe.hset(key, mapping=cast(Any, stored))
+            pipe.expire(key, self.settings.idle_ttl)
+            pipe.sadd(user_set, session.key_id)
+            # The index lives as long as the newest session could.
+            pipe.expire(user_set, self.settings.absolute_ttl)
+            await pipe.execute()
+        return session
+
+    async def create(self, session: Session) -> None:
+        """Write a guest session that so far lived only in its cookie (its first request
+        carried an instruction that must not wait for the activity flush)."""
+        key = self.keys.session(session.key_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=cast(Any, session.fields))
+            pipe.expire(key, self.settings.idle_ttl)
+            await pipe.execute()
+        session.new = False
+
+    async def update(self, session: Session, fields: dict[str, str]) -> None:
+        key = self.keys.session(session.key_id)
+        # Only an existing hash is updated: a Set racing a logout must not resurrect it.
+        await self.redis.eval(_HSET_IF_EXISTS, 1, key, *[x for kv in fields.items() for x in kv])
+        session.fields.update(fields)
+
+    async def logout(self, session: Session, everywhere: bool) -> int:
+        """Delete this session, or every session of its user; returns how many."""
+        key = self.keys.session(session.key_id)
+        uid = session.user_id
+        if not everywhere or not uid:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                if uid:
+                    pipe.srem(self.keys.user_sessions(uid), session.key_id)
+                res = await pipe.execute()
+            return int(res[0])
+        user_set = self.keys.user_sessions(uid)
+        members = cast(set[str], await self.redis.smembers(user_set))
+        members.add(session.key_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for m in members:
+                pipe.delete(self.keys.session(m))
+            pipe.delete(user_set)
+            res = await pipe.execute()
+        return sum(int(r) for r in res[:-1])
+
+
+_HSET_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.call('HSET', KEYS[1], unpack(ARGV))
+end
+return -1
+"""
+
+
+def _ts(t: float) -> str:
+    return f"{t:.3f}"
