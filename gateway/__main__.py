@@ -13,7 +13,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from . import logs
-from .app import REDIS, build_admin_app, build_app
+from .app import REDIS, build_admin_app, build_app, server_kwargs
 from .config import ConfigError, Settings, load_settings, split_host_port
 from .plugin import validate_plugins
 
@@ -34,11 +34,9 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(
         app,
         handle_signals=False,
-        access_log=None,
         # In-flight requests get this long after SIGTERM before they are cut.
         shutdown_timeout=settings.shutdown_timeout,
-        max_field_size=settings.max_request_header_size,
-        max_line_size=settings.max_request_header_size,
+        **server_kwargs(settings),
     )
     await runner.setup()
     try:

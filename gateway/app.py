@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -106,6 +107,18 @@ async def _core_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _proxy(request: web.Request) -> web.StreamResponse:
     return await request.app[GATEWAY].handle(request)
+
+
+def server_kwargs(settings: Settings) -> dict[str, Any]:
+    """Options for aiohttp's request handler; every runner of the gateway app uses them."""
+    return {
+        # Bodies pass through as sent: aiohttp would otherwise inflate a gzip upload and
+        # forward it under its original Content-Encoding and Content-Length.
+        "auto_decompress": False,
+        "max_field_size": settings.max_request_header_size,
+        "max_line_size": settings.max_request_header_size,
+        "access_log": None,
+    }
 
 
 def build_app(settings: Settings) -> web.Application:

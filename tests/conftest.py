@@ -18,12 +18,11 @@ from typing import Any
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.app import build_app
+from gateway.app import build_app, server_kwargs
 from gateway.config import parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,8 +171,9 @@ async def upstream() -> AsyncIterator[Upstream]:
     up = Upstream()
     app = web.Application(client_max_size=1024**3)
     app.router.add_route("*", "/{tail:.*}", up._handle)
+    # The recording upstream keeps bodies exactly as they arrived on the wire.
     up.server = TestServer(app, host="127.0.0.1")
-    await up.server.start_server()
+    await up.server.start_server(auto_decompress=False)
     yield up
     await up.server.close()
 
@@ -218,7 +218,10 @@ async def make_gateway(
     async def factory(config: dict[str, Any] | None = None, **over: Any) -> TestClient:
         cfg = config or base_config(redis_server.url, upstream.url, **over)
         settings = parse_settings(cfg)
-        client = TestClient(TestServer(build_app(settings), host="127.0.0.1"))
+        server = TestServer(build_app(settings), host="127.0.0.1")
+        # TestServer only applies handler options given to start_server.
+        await server.start_server(**server_kwargs(settings))
+        client = TestClient(server)
         await client.start_server()
         clients.append(client)
         return client

@@ -63,6 +63,7 @@ class SessionStore(ABC):
 
     async def finish(self, request: web.Request, response: web.StreamResponse) -> None:
         """Called on every response of a request that went through ``load``."""
+        return None
 
     @abstractmethod
     async def login(self, request: web.Request, response: web.StreamResponse,

@@ -1,0 +1,371 @@
+"""`python -m bench [--smoke] [--load-6k] [--out DIR]`: see bench/__init__.py."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from bench import gateway_proc, nginx_proxy, pgdb, report, shop, store
+from bench.procs import (
+    PYTHON,
+    ROOT,
+    Child,
+    Children,
+    HarnessError,
+    Pinning,
+    RssSampler,
+    _descendants,
+    ensure_system_package,
+    free_port,
+    log,
+    start_redis,
+    wait_port,
+)
+from bench.sessions import (
+    RedisCounter,
+    inspect_gateway_sessions,
+    login_sessions,
+    memory_per_session,
+    seed_sessions,
+    write_cookie_file,
+)
+from bench.wrk import run_wrk
+
+PAGE = "/products/laptop-123"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How big each part of the run is; --smoke shrinks everything to seconds."""
+
+    smoke: bool
+    duration: float  # per max-rate scenario
+    connections: int
+    sessions: int
+    fixed_rate: float
+    fixed_duration: float
+    load_rate: int
+    load_duration: float
+    load_connections: int
+    memory_sessions: int
+    store_workers: int
+    store_duration: float
+    warmup: float
+
+    @classmethod
+    def make(cls, a: argparse.Namespace) -> Plan:
+        if a.smoke:
+            p = cls(True, 2, 4, 50, 200, 2, 200, 2, 8, 2_000, 8, 1, 0)
+        else:
+            p = cls(False, 10, 64, 1_000, 1_000, 10, 6_000, 60, 128, 100_000, 32, 5, 1)
+        over = {k: v for k, v in (("duration", a.duration), ("connections", a.connections),
+                                  ("sessions", a.sessions)) if v is not None}  # fmt: skip
+        return cls(**{**p.__dict__, **over})
+
+
+@dataclass
+class Target:
+    """One system under test: where to send load and what to watch while it runs."""
+
+    key: str
+    url: str
+    path: str
+    cookies: Path
+    child: Child
+    redis_url: str | None = None
+
+
+def workers_of(child: Child) -> int:
+    # The process tree (nginx master + worker, a gateway's worker processes) at load time.
+    return len(_descendants(child.pid))
+
+
+async def measure_max(t: Target, tmp: Path, pin: Pinning, plan: Plan) -> dict[str, Any]:
+    if plan.warmup:
+        await run_wrk(t.url, t.path, t.cookies, tmp, pin, plan.warmup, plan.connections)
+    counter = RedisCounter(t.redis_url) if t.redis_url else None
+    if counter:
+        await counter.settle()
+        await counter.start()
+    async with RssSampler(t.child.pid) as rss:
+        w = await run_wrk(t.url, t.path, t.cookies, tmp, pin, plan.duration, plan.connections)
+        workers = workers_of(t.child)
+    d: dict[str, Any] = w.as_dict()
+    d["workers"] = workers
+    d["peak_rss_mib"] = round(rss.peak_kib / 1024, 1)
+    if counter:
+        await counter.settle()
+        total, cmds = await counter.stop()
+        await counter.close()
+        d["redis_cmds_per_req"] = total / w.requests if w.requests else None
+        d["redis_cmds_breakdown"] = {
+            k: round(v / w.requests, 3)
+            for k, v in sorted(cmds.items(), key=lambda kv: -kv[1])
+            if w.requests
+        }
+    return d
+
+
+async def measure_fixed(t: Target, pin: Pinning, plan: Plan) -> dict[str, Any]:
+    cmd = pin.wrap(
+        [PYTHON, "-m", "bench.rategen", "--url", t.url + t.path, "--rate", str(plan.fixed_rate),
+         "--duration", str(plan.fixed_duration), "--cookies", str(t.cookies),
+         "--conns", str(max(8, plan.connections))],
+        pin.load_cpus,
+    )  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, cwd=str(ROOT), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), plan.fixed_duration + 60)
+    except TimeoutError:
+        proc.kill()
+        raise HarnessError(f"rate generator against {t.url} did not finish") from None
+    if proc.returncode != 0:
+        raise HarnessError(f"rate generator failed: {err.decode()[-500:]}")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+async def measure_load(t: Target, tmp: Path, pin: Pinning, plan: Plan) -> dict[str, Any]:
+    """The case study's load test: a constant rate of session requests for a while."""
+    log(f"load test: {plan.load_rate:,} req/s for {plan.load_duration:g} s through {t.key}")
+    counter = RedisCounter(t.redis_url) if t.redis_url else None
+    if counter:
+        await counter.settle()
+        await counter.start()
+    async with RssSampler(t.child.pid) as rss:
+        w = await run_wrk(t.url, t.path, t.cookies, tmp, pin, plan.load_duration,
+                          plan.load_connections, rate=plan.load_rate)  # fmt: skip
+    d: dict[str, Any] = w.as_dict()
+    d.update(target_rate=plan.load_rate, achieved_rate=round(w.rps, 1),
+             success_rate=1 - w.error_rate, peak_rss_mib=round(rss.peak_kib / 1024, 1),
+             method="wrk throttled by a Lua delay() schedule (wrk2 is not packaged here); "
+                    "latency from the actual send")  # fmt: skip
+    held = w.rps >= 0.99 * plan.load_rate
+    d["verdict"] = (
+        f"the rate was held (schedule late > 1 ms for {w.late:,} sends)"
+        if held
+        else f"NOT held: {w.rps:,.0f} req/s is the max achieved with one gateway process "
+        f"on {pin.server_cpus or 'all'} CPU(s) here (schedule fell behind by up to "
+        f"{w.max_lag_ms:,.0f} ms)"
+    )
+    if counter:
+        await counter.settle()
+        total, _ = await counter.stop()
+        await counter.close()
+        d["redis_cmds_per_req"] = total / w.requests if w.requests else None
+    return d
+
+
+def check_result(key: str, d: dict[str, Any], errors: list[str]) -> None:
+    """A scenario that completed nothing, or only errors, means the harness is broken."""
+    if d.get("requests", 0) == 0 or d.get("error_rate", 0) >= 0.99:
+        errors.append(f"scenario {key}: {d.get('requests', 0)} requests, "
+                      f"error rate {d.get('error_rate', 1):.0%}")  # fmt: skip
+
+
+async def run(a: argparse.Namespace) -> int:
+    plan = Plan.make(a)
+    pin = Pinning.choose(not a.no_pin)
+    out_dir = Path(a.out)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    children = Children()
+    res: dict[str, Any] = {
+        "smoke": plan.smoke,
+        "machine": report.machine_info(),
+        "plan": plan.__dict__,
+        "pinning": pin.describe(),
+        "scenarios": {},
+        "fixed_rate": {},
+    }
+    notes = [
+        f"CPU pinning: {pin.describe()}",
+        f"max-rate runs: wrk -t{pin.load_threads()} -c{plan.connections} "
+        f"-d{plan.duration:g}s, {plan.sessions:,} session cookies rotated; "
+        "wrk competes with the servers for CPU unless pinned",
+        "workers: a = 1 aiohttp process (uvloop); b = nginx worker_processes 1 (+ master); "
+        "c = 1 aiohttp process; d/e = the gateway's process tree as counted during the run",
+        "errors = non-2xx/3xx responses + socket errors (connect/read/write/timeout)",
+        "Redis commands/request = INFO commandstats delta (INFO itself excluded), after "
+        "waiting for write-behind to go quiet, divided by wrk's completed requests",
+    ]
+    harness_errors: list[str] = []
+    started = time.monotonic()
+    try:
+        why = ensure_system_package("wrk", "wrk")
+        if why:
+            raise HarnessError(why)
+        nginx_missing = ensure_system_package("nginx", "nginx")
+        gw_missing = gateway_proc.gateway_available(tmp)
+        if gw_missing:
+            log(f"gateway: {gw_missing}; scenarios d and e are skipped")
+
+        log("starting the fast backend")
+        backend_port = free_port()
+        backend = children.start(
+            "backend",
+            pin.wrap([PYTHON, "-m", "bench.backend", "--port", str(backend_port)],
+                     pin.server_cpus), tmp)  # fmt: skip
+        wait_port(backend, backend_port)
+        backend_url = f"http://127.0.0.1:{backend_port}"
+
+        targets: dict[str, Target] = {}
+        gw_redis_url = ""
+        if gw_missing is None:
+            _, gw_redis_port = start_redis(children, tmp, pin, "redis-gateway")
+            gw_redis_url = f"redis://127.0.0.1:{gw_redis_port}/0"
+            gw_port = free_port()
+            cfg = gateway_proc.gateway_config(gw_port, gw_redis_port, backend_port)
+            log("starting the gateway")
+            gw = gateway_proc.start_gateway(children, tmp, pin, "gateway", cfg, gw_port)
+            gw_url = f"http://127.0.0.1:{gw_port}"
+            log(f"creating {plan.sessions:,} sessions through POST /login on the gateway")
+            gw_cookies = write_cookie_file(
+                tmp / "cookies-gateway.txt", await login_sessions(gw_url, plan.sessions)
+            )
+            targets["e"] = Target("e", gw_url, PAGE, gw_cookies, gw, gw_redis_url)
+            targets["d"] = Target("d", gw_url, "/nosession" + PAGE, gw_cookies, gw, gw_redis_url)
+
+        if not a.load_6k:
+            _, naive_redis_port = start_redis(children, tmp, pin, "redis-naive")
+            naive_redis = f"redis://127.0.0.1:{naive_redis_port}/0"
+            naive_cookies = write_cookie_file(
+                tmp / "cookies-naive.txt", await seed_sessions(naive_redis, plan.sessions)
+            )
+            naive_port = free_port()
+            naive = children.start(
+                "naive-proxy",
+                pin.wrap([PYTHON, "-m", "bench.naive_proxy", "--port", str(naive_port),
+                          "--upstream", backend_url, "--redis", naive_redis],
+                         pin.server_cpus), tmp)  # fmt: skip
+            wait_port(naive, naive_port)
+            targets["a"] = Target("a", backend_url, PAGE, naive_cookies, backend)
+            targets["c"] = Target(
+                "c", f"http://127.0.0.1:{naive_port}", PAGE, naive_cookies, naive, naive_redis
+            )
+            if nginx_missing is None:
+                nginx_port = free_port()
+                ng = nginx_proxy.start_nginx(children, tmp, pin, nginx_port, backend_port)
+                targets["b"] = Target("b", f"http://127.0.0.1:{nginx_port}", PAGE,
+                                      naive_cookies, ng)  # fmt: skip
+            else:
+                res["scenarios"]["b"] = {"skipped": nginx_missing}
+                harness_errors.append(f"scenario b: {nginx_missing}")
+            if gw_missing:
+                res["scenarios"]["d"] = res["scenarios"]["e"] = {"skipped": gw_missing}
+                harness_errors.append(f"scenarios d, e: {gw_missing}")
+
+            for key in "abcde":
+                if key not in targets:
+                    continue
+                t = targets[key]
+                log(f"max rate {key}. {report.SCENARIOS[key]}: {plan.duration:g} s")
+                d = await measure_max(t, tmp, pin, plan)
+                res["scenarios"][key] = d
+                log(f"  {d['rps']:,.0f} req/s, p99 {d['p99_ms']:.2f} ms, errors "
+                    f"{d['error_rate']:.2%}, Redis cmds/req "
+                    f"{report._fmt(d.get('redis_cmds_per_req'))}, RSS {d['peak_rss_mib']} MiB")
+                check_result(key, d, harness_errors)
+            for key in "abcde":
+                if key not in targets:
+                    continue
+                log(f"fixed {plan.fixed_rate:g} req/s {key}. {report.SCENARIOS[key]}: "
+                    f"{plan.fixed_duration:g} s")  # fmt: skip
+                f = await measure_fixed(targets[key], pin, plan)
+                res["fixed_rate"][key] = f
+                log(f"  achieved {f['achieved_rate']:,.0f} req/s, p50 {f['p50_ms']:.2f} ms, "
+                    f"p99 {f['p99_ms']:.2f} ms, errors {f['errors']}")
+                if f["requests"] == 0 or f["errors"] >= f["requests"]:
+                    harness_errors.append(f"fixed-rate {key}: all requests failed")
+
+        if "e" in targets:
+            d = await measure_load(targets["e"], tmp, pin, plan)
+            res["load_6k"] = d
+            log(f"  achieved {d['achieved_rate']:,.0f} req/s, success "
+                f"{d['success_rate']:.3%}, mean {d['mean_ms']:.2f} ms, p95 {d['p95_ms']:.2f} ms")
+            check_result("load test", d, harness_errors)
+            res["gateway_sessions"] = await inspect_gateway_sessions(gw_redis_url)
+        else:
+            res["load_6k"] = {"skipped": gw_missing or "gateway not available"}
+
+        if not a.load_6k:
+            children.stop_all()  # the rest measures stores, not proxies
+            redis_child, mem_port = start_redis(children, tmp, Pinning(None, None), "redis-mem")
+            log(f"Redis memory for {plan.memory_sessions:,} sessions")
+            res["memory"] = await memory_per_session(
+                f"redis://127.0.0.1:{mem_port}/0", plan.memory_sessions
+            )
+            log(f"  {res['memory']['bytes_per_session']} bytes/session, "
+                f"encoding {res['memory']['encoding']}")
+            res["store"] = await run_store(plan, mem_port, redis_child)
+            children.stop_all()
+            res["shop"] = await shop.run_shop(tmp, pin, plan.duration, plan.connections,
+                                              min(plan.sessions, 200), gw_missing is None)  # fmt: skip
+            if "skipped" in res["shop"]:
+                log(f"shop: {res['shop']['skipped']}")
+    except HarnessError as e:
+        harness_errors.append(str(e))
+        log(f"HARNESS ERROR: {e}")
+    finally:
+        children.stop_all()
+    res["notes"] = notes
+    res["targets"] = report.evaluate_targets(res)
+    res["claims"] = report.case_study_claims(res)
+    res["harness_errors"] = harness_errors
+    res["wall_s"] = round(time.monotonic() - started, 1)
+    stem = "load6k" if a.load_6k else "latest"
+    md = report.write_outputs(res, out_dir, stem)
+    print(md)
+    log(f"wrote {out_dir}/{stem}.md, {stem}.json, {stem}.png in {res['wall_s']:.0f} s")
+    if harness_errors:
+        log("harness errors:\n  " + "\n  ".join(harness_errors))
+        return 1
+    shutil.rmtree(tmp, ignore_errors=True)  # kept on failure: logs of every child are there
+    return 0
+
+
+async def run_store(plan: Plan, redis_port: int, redis_child: Child) -> dict[str, Any]:
+    out: dict[str, Any] = {"workers": plan.store_workers, "duration_s": plan.store_duration}
+    log(f"session store alone: Redis, {plan.store_workers} workers, {plan.store_duration:g} s")
+    out["redis"] = await store.redis_updates(
+        f"redis://127.0.0.1:{redis_port}/1", plan.store_workers, plan.store_duration, 1000
+    )
+    why = await pgdb.pg_available()
+    if why:
+        out["postgresql"] = {"skipped": why}
+        return out
+    log(f"session store alone: PostgreSQL, {plan.store_workers} workers")
+    async with pgdb.throwaway_db("bench_store") as dsn:
+        out["postgresql"] = await store.pg_updates(
+            dsn, plan.store_workers, plan.store_duration, 1000
+        )
+    log(f"  Redis {out['redis']['updates_per_s']:,.0f}/s vs PostgreSQL "
+        f"{out['postgresql']['updates_per_s']:,.0f}/s")  # fmt: skip
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--smoke", action="store_true", help="every part for ~2 s at tiny load")
+    ap.add_argument("--load-6k", action="store_true", help="only the 6,000 req/s load test")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results directory")
+    ap.add_argument("--duration", type=float, help="seconds per max-rate scenario")
+    ap.add_argument("--connections", type=int, help="wrk connections")
+    ap.add_argument("--sessions", type=int, help="session cookies to rotate")
+    ap.add_argument("--no-pin", action="store_true", help="don't pin with taskset")
+    sys.exit(uvloop.run(run(ap.parse_args())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""Machine facts, targets, and the three outputs: markdown, JSON and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+SCENARIOS = {
+    "a": "backend directly",
+    "b": "nginx proxy_pass (keepalive)",
+    "c": "naive Redis proxy (case study path)",
+    "d": "gateway, session: none",
+    "e": "gateway, session: optional",
+}
+
+
+def _cmd_version(cmd: list[str]) -> str:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    out = (res.stdout + res.stderr).strip().splitlines()
+    return out[0] if out else "?"
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        mem_kib = 0
+    versions = {}
+    for pkg in ("aiohttp", "redis", "hiredis", "uvloop", "asyncpg", "orjson"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    versions["python"] = platform.python_version()
+    versions["redis-server"] = _cmd_version(["redis-server", "--version"])
+    versions["nginx"] = _cmd_version(["nginx", "-v"])
+    versions["wrk"] = _cmd_version(["wrk", "--version"])
+    versions["postgresql"] = _cmd_version(["psql", "--version"])
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu,
+        "ram_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "versions": versions,
+    }
+
+
+def _target(name: str, ok: bool | None, measured: str, goal: str) -> dict[str, Any]:
+    return {"target": name, "result": "n/a" if ok is None else ("PASS" if ok else "FAIL"),
+            "measured": measured, "goal": goal}  # fmt: skip
+
+
+def evaluate_targets(res: dict[str, Any]) -> list[dict[str, Any]]:
+    sc = res.get("scenarios", {})
+    rps = {k: v["rps"] for k, v in sc.items() if "rps" in v}
+    out = []
+
+    def ratio(x: str, y: str) -> float | None:
+        return rps[x] / rps[y] if x in rps and rps.get(y) else None
+
+    for x, y, goal in (("e", "c", 3.0), ("e", "d", 0.9), ("e", "b", 0.1)):
+        r = ratio(x, y)
+        out.append(_target(
+            f"{x} ≥ {goal:g}× {y} (req/s)", None if r is None else r >= goal,
+            "—" if r is None else f"{r:.2f}×", f"≥ {goal:g}×",
+        ))  # fmt: skip
+    cpr = sc.get("e", {}).get("redis_cmds_per_req")
+    out.append(_target("Redis commands per session request (e)",
+                       None if cpr is None else cpr <= 1.2,
+                       "—" if cpr is None else f"{cpr:.2f}", "≤ 1.2"))  # fmt: skip
+    fx = res.get("fixed_rate", {})
+    if "a" in fx and "e" in fx:
+        added = fx["e"]["p99_ms"] - fx["a"]["p99_ms"]
+        out.append(_target(f"p99 added over direct at {fx['e']['target_rate']:g} req/s (e − a)",
+                           added <= 1.0, f"{added:+.2f} ms", "≤ 1 ms"))  # fmt: skip
+    else:
+        out.append(_target("p99 added over direct at fixed rate", None, "—", "≤ 1 ms"))
+    mem = res.get("memory", {})
+    if "bytes_per_session" in mem:
+        out.append(_target(f"Redis bytes per session ({mem['sessions']:,} sessions)",
+                           mem["bytes_per_session"] <= 200,
+                           f"{mem['bytes_per_session']:.0f} B", "≤ 200 B"))  # fmt: skip
+        out.append(_target("session hash encoding", mem["encoding"] == "listpack",
+                           mem["encoding"], "listpack"))  # fmt: skip
+    l6 = res.get("load_6k", {})
+    if "achieved_rate" in l6:
+        tgt = l6["target_rate"]
+        out.append(_target(f"load test rate ({tgt:,} req/s target)",
+                           l6["achieved_rate"] >= 0.99 * tgt,
+                           f"{l6['achieved_rate']:,.0f} req/s", f"≥ {tgt:,}"))  # fmt: skip
+        out.append(_target("load test success rate", l6["success_rate"] >= 0.999,
+                           f"{l6['success_rate'] * 100:.3f} %", "≥ 99.9 %"))  # fmt: skip
+        out.append(_target("load test average latency", l6["mean_ms"] < 1.0,
+                           f"{l6['mean_ms']:.2f} ms", "< 1 ms"))  # fmt: skip
+        out.append(_target("load test p95 latency", l6["p95_ms"] < 5.0,
+                           f"{l6['p95_ms']:.2f} ms", "< 5 ms"))  # fmt: skip
+    return out
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float | int):
+        return format(v, spec)
+    return str(v)
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    L: list[str] = []
+    L.append(f"# Session Gateway benchmark{' (smoke)' if res.get('smoke') else ''}")
+    L.append("")
+    L.append(f"- date: {m['date']}")
+    L.append(f"- machine: {m['nproc']} CPUs, {m['cpu_model']}, {m['ram_gib']} GiB RAM, "
+             f"Linux {m['kernel']}")  # fmt: skip
+    L.append("- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    for note in res.get("notes", []):
+        L.append(f"- {note}")
+    L.append("")
+    sc = res.get("scenarios", {})
+    if sc:
+        base = sc.get("a", {}).get("rps")
+        L.append("## Scenarios at max rate (wrk, closed loop)")
+        L.append("")
+        L.append("| scenario | workers | req/s | vs direct | p50 ms | p95 ms | p99 ms "
+                 "| errors | Redis cmds/req | peak RSS MiB |")  # fmt: skip
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for k, name in SCENARIOS.items():
+            s = sc.get(k)
+            if s is None:
+                continue
+            if "skipped" in s:
+                L.append(f"| {k}. {name} | — | skipped: {s['skipped']} |||||||| ")
+                continue
+            vs = f"{s['rps'] / base * 100:.0f} %" if base else "—"
+            L.append(
+                f"| {k}. {name} | {s.get('workers', '')} | {s['rps']:,.0f} | {vs} "
+                f"| {s['p50_ms']:.2f} | {s['p95_ms']:.2f} | {s['p99_ms']:.2f} "
+                f"| {s['error_rate'] * 100:.2f} % | {_fmt(s.get('redis_cmds_per_req'))} "
+                f"| {_fmt(s.get('peak_rss_mib'), '.1f')} |"
+            )
+        L.append("")
+        for k in ("c", "e"):
+            cmds = sc.get(k, {}).get("redis_cmds_breakdown")
+            if cmds:
+                L.append(f"Redis commands per request, {k}: " + ", ".join(
+                    f"{c} {v:.2f}" for c, v in cmds.items()))  # fmt: skip
+                L.append("")
+    fx = res.get("fixed_rate", {})
+    if fx:
+        rate = next(iter(fx.values())).get("target_rate", 0)
+        L.append(f"## Fixed rate {rate:g} req/s (open-loop Python generator, latency from "
+                 "the scheduled send time)")  # fmt: skip
+        L.append("")
+        L.append("| scenario | achieved req/s | p50 ms | p95 ms | p99 ms | p99.9 ms | errors "
+                 "| p99 added vs direct |")  # fmt: skip
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        a99 = fx.get("a", {}).get("p99_ms")
+        for k, name in SCENARIOS.items():
+            f = fx.get(k)
+            if not f or "p99_ms" not in f:
+                continue
+            added = f"{f['p99_ms'] - a99:+.2f} ms" if a99 is not None else "—"
+            L.append(f"| {k}. {name} | {f['achieved_rate']:,.0f} | {f['p50_ms']:.2f} "
+                     f"| {f['p95_ms']:.2f} | {f['p99_ms']:.2f} | {f['p999_ms']:.2f} "
+                     f"| {f['errors']} | {added} |")  # fmt: skip
+        L.append("")
+    tg = res.get("targets", [])
+    if tg:
+        L.append("## Targets")
+        L.append("")
+        L.append("| target | result | measured | goal |")
+        L.append("|---|---|---:|---:|")
+        for t in tg:
+            L.append(f"| {t['target']} | **{t['result']}** | {t['measured']} | {t['goal']} |")
+        L.append("")
+    l6 = res.get("load_6k")
+    if l6:
+        L.append("## Load test (case study: 6,000 session writes/s)")
+        L.append("")
+        if "skipped" in l6:
+            L.append(f"skipped: {l6['skipped']}")
+        else:
+            L.append(f"- target {l6['target_rate']:,} req/s for {l6['duration_s']:.0f} s "
+                     f"through the gateway (sessions on), {l6['method']}")  # fmt: skip
+            L.append(f"- achieved {l6['achieved_rate']:,.0f} req/s "
+                     f"({l6['requests']:,} requests); {l6['verdict']}")  # fmt: skip
+            L.append(f"- success rate {l6['success_rate'] * 100:.3f} % "
+                     "(case study: 99.8 %+, target ≥ 99.9 %)")  # fmt: skip
+            L.append(f"- latency mean {l6['mean_ms']:.2f} ms, p50 {l6['p50_ms']:.2f}, "
+                     f"p95 {l6['p95_ms']:.2f}, p99 {l6['p99_ms']:.2f}, max {l6['max_ms']:.1f} ms "
+                     "(case study: < 1 ms average, p95 < 5 ms)")  # fmt: skip
+            L.append(f"- Redis commands per request {_fmt(l6.get('redis_cmds_per_req'))}, "
+                     f"gateway peak RSS {_fmt(l6.get('peak_rss_mib'), '.1f')} MiB")  # fmt: skip
+        L.append("")
+    mem = res.get("memory")
+    if mem:
+        L.append("## Redis memory per session")
+        L.append("")
+        if "skipped" in mem:
+            L.append(f"skipped: {mem['skipped']}")
+        else:
+            L.append(f"- {mem['sessions']:,} seven-field sessions (case study fields) written "
+                     "with pipelined HSET + EXPIRE as `session:<sha256 hex>` in a fresh "
+                     f"redis-server {mem['redis_version']}: **{mem['bytes_per_session']:.0f} "
+                     f"bytes/session** (used_memory delta), encoding `{mem['encoding']}`, "
+                     f"MEMORY USAGE of one key {mem['memory_usage_one_key']} B")  # fmt: skip
+            L.append(f"- with the `user_sessions:<user_id>` index set too: "
+                     f"{mem['bytes_per_session_with_user_index']:.0f} bytes/session")
+        gw = res.get("gateway_sessions")
+        if gw and gw.get("sessions_found"):
+            L.append(f"- sessions the real gateway wrote (sample of {gw['sessions_found']}): "
+                     f"fields {', '.join(gw['fields'])}; encodings {gw['encodings']}; "
+                     f"MEMORY USAGE avg {gw['avg_memory_usage_bytes']:.0f} B; "
+                     f"TTL {gw['ttl_s']} s")  # fmt: skip
+        L.append("")
+    L.extend(_case_study_md(res))
+    return "\n".join(L) + "\n"
+
+
+def _case_study_md(res: dict[str, Any]) -> list[str]:
+    L: list[str] = []
+    st = res.get("store")
+    shop = res.get("shop")
+    if not st and not shop:
+        return L
+    L.append("## The case study's table on this machine")
+    L.append("")
+    if shop:
+        if "skipped" in shop:
+            L.append(f"Shop (legacy vs gateway): skipped: {shop['skipped']}")
+        else:
+            L.append("Demo shop, same load (wrk, max rate): `legacy` mode (sessions in "
+                     "PostgreSQL) vs `gateway` mode behind the gateway.")  # fmt: skip
+            L.append("")
+            L.append("| shop | req/s | p50 ms | p95 ms | p99 ms | errors | DB writes/req "
+                     "| DB CPU ms/1k req |")  # fmt: skip
+            L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+            for mode in ("legacy", "gateway"):
+                s = shop.get(mode)
+                if not s:
+                    continue
+                if "error" in s:
+                    L.append(f"| {mode} | failed: {s['error']} |||||||")
+                    continue
+                L.append(f"| {mode} | {s['rps']:,.0f} | {s['p50_ms']:.2f} | {s['p95_ms']:.2f} "
+                         f"| {s['p99_ms']:.2f} | {s['error_rate'] * 100:.2f} % "
+                         f"| {_fmt(s.get('db_writes_per_req'), '.3f')} "
+                         f"| {_fmt(s.get('db_cpu_ms_per_1k'), '.1f')} |")  # fmt: skip
+            L.append("")
+            L.append("DB CPU = utime+stime (from /proc/<pid>/stat) of the PostgreSQL "
+                     "backend processes serving the shop's database, over the load window; "
+                     "background processes (WAL writer, checkpointer) are not included.")
+        L.append("")
+    if st:
+        r, p = st.get("redis", {}), st.get("postgresql", {})
+        L.append(f"Session store alone: {st['workers']} concurrent workers, "
+                 f"{st['duration_s']:g} s each, one asyncio process (the Python driver "
+                 "is part of both numbers).")  # fmt: skip
+        L.append("")
+        L.append("| store | updates/s | mean ms | p50 ms | p99 ms | errors |")
+        L.append("|---|---:|---:|---:|---:|---:|")
+        for name, s in (("Redis pipeline (case study)", r), ("PostgreSQL UPDATE", p)):
+            if s and "updates_per_s" in s:
+                L.append(f"| {name} | {s['updates_per_s']:,.0f} | {s['mean_ms']:.3f} "
+                         f"| {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['errors']} |")  # fmt: skip
+        L.append("")
+    cl = res.get("claims", [])
+    if cl:
+        L.append("| case study claim | case study | this machine |")
+        L.append("|---|---|---|")
+        for c in cl:
+            L.append(f"| {c['claim']} | {c['case_study']} | {c['here']} |")
+        L.append("")
+    return L
+
+
+def case_study_claims(res: dict[str, Any]) -> list[dict[str, str]]:
+    st = res.get("store", {})
+    r, p = st.get("redis", {}), st.get("postgresql", {})
+    out = []
+    if r.get("updates_per_s") and p.get("updates_per_s"):
+        out.append({"claim": "throughput", "case_study": "5× (20K → 100K+ ops/s)",
+                    "here": f"{r['updates_per_s'] / p['updates_per_s']:.1f}× "
+                            f"({p['updates_per_s']:,.0f} → {r['updates_per_s']:,.0f} "
+                            "session updates/s)"})  # fmt: skip
+    if r.get("mean_ms") and p.get("mean_ms"):
+        out.append({"claim": "latency", "case_study": "50× (10–50 ms → < 1 ms)",
+                    "here": f"{p['mean_ms'] / r['mean_ms']:.1f}× mean "
+                            f"({p['mean_ms']:.2f} ms → {r['mean_ms']:.2f} ms)"})  # fmt: skip
+    shop = res.get("shop", {})
+    lg, gw = shop.get("legacy", {}), shop.get("gateway", {})
+    if lg.get("db_cpu_ms_per_1k") and gw.get("db_cpu_ms_per_1k") is not None:
+        red = 1 - gw["db_cpu_ms_per_1k"] / lg["db_cpu_ms_per_1k"]
+        out.append({"claim": "cost", "case_study": "92 % reduction ($2,000 → $150/month)",
+                    "here": f"{red * 100:.0f} % less database CPU per request "
+                            "(a proxy for cost; dollars are not measurable here)"})  # fmt: skip
+    else:
+        out.append({"claim": "cost", "case_study": "92 % reduction ($2,000 → $150/month)",
+                    "here": "not measured (needs the shop scenario's DB CPU)"})
+    return out
+
+
+def write_outputs(res: dict[str, Any], out_dir: Path, stem: str = "latest") -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = to_markdown(res)
+    (out_dir / f"{stem}.md").write_text(md)
+    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    write_chart(res, out_dir / f"{stem}.png")
+    return md
+
+
+def write_chart(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a server; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    sc = {k: v for k, v in res.get("scenarios", {}).items() if "rps" in v}
+    fx = {k: v for k, v in res.get("fixed_rate", {}).items() if "p99_ms" in v}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    keys = [k for k in SCENARIOS if k in sc]
+    labels = [f"{k}. {SCENARIOS[k]}".replace(" (", "\n(").replace(", ", ",\n") for k in keys]
+    ax = axes[0]
+    bars = ax.bar(labels, [sc[k]["rps"] for k in keys], color="#4c72b0")
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_title("max throughput (wrk)")
+    ax.set_ylabel("requests/s")
+    ax.tick_params(axis="x", labelsize=7)
+    ax = axes[1]
+    fkeys = [k for k in SCENARIOS if k in fx]
+    width = 0.38
+    xs = range(len(fkeys))
+    ax.bar([x - width / 2 for x in xs], [fx[k]["p50_ms"] for k in fkeys], width, label="p50")
+    ax.bar([x + width / 2 for x in xs], [fx[k]["p99_ms"] for k in fkeys], width, label="p99")
+    ax.set_xticks(list(xs), [f"{k}. {SCENARIOS[k]}".replace(" (", "\n(").replace(", ", ",\n")
+                             for k in fkeys], fontsize=7)  # fmt: skip
+    rate = next(iter(fx.values()))["target_rate"] if fx else 0
+    ax.set_title(f"latency at a fixed {rate:g} req/s")
+    ax.set_ylabel("ms")
+    ax.legend()
+    fig.suptitle(f"Session Gateway benchmark — {res['machine']['date']}"
+                 f"{' (smoke)' if res.get('smoke') else ''}")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,69 @@
+"""The aiohttp application: ``make_app(mode, db_url)``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .db import open_database
+from .sessions import SESSION, GatewaySessions, LegacySessions, SessionStore
+from .views import STATE, ShopState, routes
+
+MODES = ("gateway", "legacy")
+# No session work for probes: a health check must not create legacy sessions.
+_SESSIONLESS = frozenset({"/healthz"})
+
+
+@web.middleware
+async def session_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in _SESSIONLESS:
+        return await handler(request)
+    store = request.app[STATE].store
+    request[SESSION] = await store.load(request)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:  # e.g. 404/405 from the router: still a response
+        await store.finish(request, exc)
+        raise
+    await store.finish(request, response)
+    return response
+
+
+@web.middleware
+async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    return response
+
+
+def make_app(mode: str, db_url: str, *, idle_ttl: float = 3600.0) -> web.Application:
+    """The shop. ``mode``: ``gateway`` or ``legacy``; ``db_url``: ``sqlite:PATH`` or
+    ``postgresql://…``. The database is opened, created and seeded at startup."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    db = open_database(db_url)
+    store: SessionStore = (
+        GatewaySessions() if mode == "gateway" else LegacySessions(db, idle_ttl=idle_ttl)
+    )
+    state = ShopState(mode=mode, db=db, store=store)
+
+    app = web.Application(middlewares=[security_headers, session_middleware])
+    app[STATE] = state
+    app.add_routes(routes)
+
+    async def database(app: web.Application) -> AsyncIterator[None]:
+        await db.open()
+        try:
+            await db.init()
+            state.products = await db.load_products()
+            state.catalog = {p.sku: p for p in state.products}
+            yield
+        finally:
+            await db.close()
+
+    app.cleanup_ctx.append(database)
+    return app

@@ -1,0 +1,193 @@
+"""Request handlers. They read ``request[SESSION]`` and never care which mode runs."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from urllib.parse import urlencode, urlsplit
+
+from aiohttp import web
+
+from . import templates
+from .catalog import Product
+from .db import Database
+from .passwords import DUMMY_HASH, verify_password
+from .sessions import SESSION, SessionStore, session_headers
+
+
+@dataclass(slots=True)
+class ShopState:
+    """Everything the handlers share; filled in by the app's startup."""
+
+    mode: str
+    db: Database
+    store: SessionStore
+    products: tuple[Product, ...] = ()
+    catalog: dict[str, Product] = field(default_factory=dict)
+
+
+STATE = web.AppKey("shop_state", ShopState)
+routes = web.RouteTableDef()
+
+
+def _state(request: web.Request) -> ShopState:
+    return request.app[STATE]
+
+
+def page(request: web.Request, title: str, body: str, status: int = 200) -> web.Response:
+    state = _state(request)
+    html = templates.layout(title, body, request[SESSION], state.mode)
+    return web.Response(text=html, status=status, content_type="text/html")
+
+
+def redirect(location: str) -> web.Response:
+    # 303: the browser follows a POST with a GET.
+    return web.Response(status=303, headers={"Location": location})
+
+
+def safe_next(value: str | None, default: str = "/account") -> str:
+    """Only same-site relative paths: no scheme, no host, no ``//`` or ``\\`` tricks."""
+    if not value or len(value) > 2000 or not value.startswith("/"):
+        return default
+    if value.startswith("//") or "\\" in value:
+        return default
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
+        return default
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc:
+        return default
+    return value
+
+
+# -------------------------------------------------------------------- pages
+@routes.get("/")
+async def index(request: web.Request) -> web.Response:
+    body = templates.home(_state(request).products[:4], request[SESSION])
+    return page(request, "Home", body)
+
+
+@routes.get("/products")
+async def product_list(request: web.Request) -> web.Response:
+    return page(request, "Products", templates.product_list(_state(request).products))
+
+
+@routes.get("/products/{sku}")
+async def product_detail(request: web.Request) -> web.Response:
+    product = _state(request).catalog.get(request.match_info["sku"])
+    if product is None:
+        return page(request, "Not found", templates.not_found("That product"), status=404)
+    return page(request, product.name, templates.product_page(product))
+
+
+@routes.get("/cart")
+async def cart(request: web.Request) -> web.Response:
+    body = templates.cart_page(request[SESSION].cart, _state(request).catalog)
+    return page(request, "Your cart", body)
+
+
+@routes.get("/account")
+async def account(request: web.Request) -> web.Response:
+    session = request[SESSION]
+    if not session.authenticated:
+        return redirect("/login?" + urlencode({"next": "/account"}))
+    return page(request, "Your account", templates.account_page(session, _state(request).mode))
+
+
+# -------------------------------------------------------------------- cart
+@routes.post("/cart/add")
+async def cart_add(request: web.Request) -> web.Response:
+    form = await request.post()
+    product = _state(request).catalog.get(str(form.get("sku", "")))
+    if product is None:
+        return page(request, "Not found", templates.not_found("That product"), status=404)
+    try:
+        qty = int(str(form.get("qty", "1")))
+    except ValueError:
+        qty = 0
+    if not 1 <= qty <= 99:
+        return page(request, "Bad quantity", "<p>Quantity must be 1 to 99.</p>", status=400)
+    response = redirect("/cart")
+    # The price comes from the catalogue, never from the form.
+    await _state(request).store.cart_add(request, response, product.sku, qty, product.price)
+    return response
+
+
+@routes.post("/cart/remove")
+async def cart_remove(request: web.Request) -> web.Response:
+    form = await request.post()
+    sku = str(form.get("sku", ""))
+    if sku not in _state(request).catalog:
+        return page(request, "Not found", templates.not_found("That product"), status=404)
+    response = redirect("/cart")
+    await _state(request).store.cart_remove(request, response, sku)
+    return response
+
+
+@routes.post("/cart/clear")
+async def cart_clear(request: web.Request) -> web.Response:
+    response = redirect("/cart")
+    await _state(request).store.cart_clear(request, response)
+    return response
+
+
+# ------------------------------------------------------------ login, logout
+@routes.get("/login")
+async def login_form(request: web.Request) -> web.Response:
+    next_path = safe_next(request.query.get("next"))
+    return page(request, "Log in", templates.login_page(next_path))
+
+
+@routes.post("/login")
+async def login(request: web.Request) -> web.Response:
+    form = await request.post()
+    username = str(form.get("username", "")).strip()[:100]
+    password = str(form.get("password", ""))[:1000]
+    next_path = safe_next(str(form.get("next", "")))
+    state = _state(request)
+    user = await state.db.get_user(username) if username else None
+    # Hash even for an unknown user, so timing does not tell which usernames exist.
+    stored = user.password_hash if user else DUMMY_HASH
+    valid = await asyncio.to_thread(verify_password, password, stored)
+    if user is None or not valid:
+        body = templates.login_page(next_path, "Wrong username or password.", username)
+        return page(request, "Log in", body, status=401)
+    response = redirect(next_path)
+    await state.store.login(request, response, user)
+    return response
+
+
+@routes.post("/logout")
+async def logout(request: web.Request) -> web.Response:
+    form = await request.post()
+    response = redirect("/")
+    everywhere = form.get("scope") == "all"
+    await _state(request).store.logout(request, response, everywhere)
+    return response
+
+
+# ----------------------------------------------------------- service routes
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "mode": _state(request).mode})
+
+
+@routes.get("/debug/headers")
+async def debug_headers(request: web.Request) -> web.Response:
+    """What the shop received about the session: for the demo and for debugging."""
+    session = request[SESSION]
+    cart = session.cart
+    return web.json_response(
+        {
+            "mode": _state(request).mode,
+            "headers": session_headers(request.headers),
+            "authenticated": session.authenticated,
+            "session_id": session.session_id,
+            "fields": session.fields,
+            "cart": {
+                "known": cart.known,
+                "total_items": cart.total_items,
+                "total_value": str(cart.total_value),
+                "lines": [[ln.sku, ln.qty, str(ln.unit_price)] for ln in cart.lines],
+            },
+        }
+    )

@@ -1,0 +1,368 @@
+"""The Fake Web Retailer alone (no gateway): both modes, real aiohttp servers, real DBs."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from examples.fake_web_retailer import make_app
+from examples.fake_web_retailer.db import Database
+from examples.fake_web_retailer.sessions import LEGACY_COOKIE
+from examples.fake_web_retailer.views import STATE
+
+Client = TestClient[web.Request, web.Application]
+MakeClient = Callable[..., Awaitable[Client]]
+
+PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "database": "postgres"}
+
+
+def instruction(value: str) -> dict[str, str]:
+    """Parse ``k=v; k2=v2`` (percent-encoded values) as the gateway will."""
+    out = {}
+    for part in value.split(";"):
+        key, _, val = part.strip().partition("=")
+        out[key] = unquote(val)
+    return out
+
+
+def db_of(client: Client) -> Database:
+    return client.app[STATE].db
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:{tmp_path / 'shop.sqlite3'}"
+
+
+@pytest.fixture
+async def gateway_shop(aiohttp_client: MakeClient, sqlite_url: str) -> Client:
+    return await aiohttp_client(make_app("gateway", sqlite_url))
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    try:
+        admin = await asyncpg.connect(**PG_ADMIN, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432 as user postgres: {exc!r}")
+    name = f"fwr_test_{uuid.uuid4().hex[:12]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def gw_headers(**fields: str) -> dict[str, str]:
+    """Request headers as the gateway sends them for an authenticated session."""
+    headers = {"X-Session-Authenticated": "true", "X-Session-Id": "f" * 64}
+    for name, value in fields.items():
+        headers["X-Session-" + name.replace("_", "-").title()] = value
+    return headers
+
+
+# ================================================================ gateway mode
+async def test_gateway_login_right_password_answers_with_login_instruction(
+    gateway_shop: Client,
+) -> None:
+    resp = await gateway_shop.post(
+        "/login",
+        data={"username": "alice", "password": "alice-password", "next": "/cart"},
+        allow_redirects=False,
+    )
+    assert resp.status == 303
+    assert resp.headers["Location"] == "/cart"
+    login = instruction(resp.headers["X-Session-Login"])
+    assert login == {"user_id": "1001", "username": "alice", "email": "alice@example.com"}
+    assert "%40" in resp.headers["X-Session-Login"], "values must be percent-encoded"
+    assert "Set-Cookie" not in resp.headers, "gateway mode sets no cookie of its own"
+
+
+@pytest.mark.parametrize(
+    ("username", "password"),
+    [("alice", "wrong"), ("alice", ""), ("nobody", "alice-password"), ("bob", "alice-password")],
+)
+async def test_gateway_login_wrong_credentials_sends_no_instruction(
+    gateway_shop: Client, username: str, password: str
+) -> None:
+    resp = await gateway_shop.post(
+        "/login", data={"username": username, "password": password}, allow_redirects=False
+    )
+    assert resp.status == 401
+    assert "X-Session-Login" not in resp.headers
+    assert "Wrong username or password" in await resp.text()
+
+
+@pytest.mark.parametrize(
+    "next_path",
+    ["//evil.example/", "https://evil.example/", "/\\evil.example", "javascript:alert(1)",
+     "/ok\r\nSet-Cookie: x=1", ""],
+)
+async def test_login_redirects_only_to_same_site_paths(
+    gateway_shop: Client, next_path: str
+) -> None:
+    resp = await gateway_shop.post(
+        "/login",
+        data={"username": "bob", "password": "bob-password", "next": next_path},
+        allow_redirects=False,
+    )
+    assert resp.status == 303
+    assert resp.headers["Location"] == "/account"
+
+
+async def test_non_ascii_user_login_is_percent_encoded(gateway_shop: Client) -> None:
+    resp = await gateway_shop.post(
+        "/login", data={"username": "zoë", "password": "zoe-password"}, allow_redirects=False
+    )
+    raw = resp.headers["X-Session-Login"]
+    assert raw.isascii()
+    assert instruction(raw) == {
+        "user_id": "1004", "username": "zoë", "email": "zoe+shop@example.com"
+    }
+
+
+async def test_gateway_account_page_shows_header_fields(gateway_shop: Client) -> None:
+    headers = gw_headers(
+        user_id="12345",
+        username="j%C3%B6hn_doe",  # percent-encoded UTF-8: "jöhn_doe"
+        email="john%40example.com",
+        page_views="15",
+        login_time="1673120000.123",
+        current_page="%2Fproducts%2Flaptop-123",
+        page_theme="%3Cscript%3Ealert(1)%3C%2Fscript%3E",
+    )
+    resp = await gateway_shop.get("/account", headers=headers, allow_redirects=False)
+    assert resp.status == 200
+    html = await resp.text()
+    assert '<strong id="username">jöhn_doe</strong>' in html
+    for shown in ("john@example.com", "1673120000.123", "/products/laptop-123", "page_views"):
+        assert shown in html
+    assert "<th>page_views</th><td>15</td>" in html
+    assert "<script>alert" not in html and "&lt;script&gt;alert(1)" in html
+
+
+async def test_gateway_account_requires_login(gateway_shop: Client) -> None:
+    for headers in ({}, {"X-Session-Authenticated": "false", "X-Session-Id": "abc"}):
+        resp = await gateway_shop.get("/account", headers=headers, allow_redirects=False)
+        assert resp.status == 303
+        assert resp.headers["Location"] == "/login?next=%2Faccount"
+
+
+async def test_gateway_cart_instructions(gateway_shop: Client) -> None:
+    resp = await gateway_shop.post(
+        "/cart/add",
+        data={"sku": "laptop-123", "qty": "2", "price": "0.01"},  # price is not trusted
+        allow_redirects=False,
+    )
+    assert resp.status == 303 and resp.headers["Location"] == "/cart"
+    assert instruction(resp.headers["X-Session-Cart-Add"]) == {
+        "sku": "laptop-123", "qty": "2", "price": "999.99"
+    }
+
+    resp = await gateway_shop.post("/cart/remove", data={"sku": "mouse-456"},
+                                   allow_redirects=False)
+    assert resp.headers["X-Session-Cart-Remove"] == "sku=mouse-456"
+    resp = await gateway_shop.post("/cart/clear", allow_redirects=False)
+    assert resp.headers["X-Session-Cart-Clear"] == "1"
+
+    for data, status in (({"sku": "no-such-sku"}, 404), ({"sku": "mouse-456", "qty": "0"}, 400),
+                         ({"sku": "mouse-456", "qty": "lots"}, 400)):
+        resp = await gateway_shop.post("/cart/add", data=data, allow_redirects=False)
+        assert resp.status == status
+        assert "X-Session-Cart-Add" not in resp.headers
+
+
+async def test_gateway_cart_page_renders_from_headers(gateway_shop: Client) -> None:
+    contents = "laptop-123%7C2%7C999.99,mouse-456%7C1%7C29.99"  # fully percent-encoded
+    resp = await gateway_shop.get("/cart", headers={"X-Session-Cart-Contents": contents,
+                                                    "X-Session-Cart-Items": "3",
+                                                    "X-Session-Cart-Total": "2029.97"})
+    html = await resp.text()
+    assert "UltraBook 14" in html and "Silent Mouse" in html
+    assert "3 item(s), total <strong>$2,029.97</strong>" in html
+
+    resp = await gateway_shop.get("/cart", headers={"X-Session-Cart-Items": "5",
+                                                    "X-Session-Cart-Total": "149.95"})
+    assert "5 item(s), total <strong>$149.95</strong>" in await resp.text()
+
+    resp = await gateway_shop.get("/cart")
+    assert "cart plugin" in await resp.text()
+
+
+async def test_gateway_logout_instruction(gateway_shop: Client) -> None:
+    resp = await gateway_shop.post("/logout", headers=gw_headers(user_id="1001"),
+                                   allow_redirects=False)
+    assert resp.status == 303 and resp.headers["X-Session-Logout"] == "this"
+    resp = await gateway_shop.post("/logout", data={"scope": "all"}, allow_redirects=False)
+    assert resp.headers["X-Session-Logout"] == "all"
+
+
+async def test_gateway_mode_makes_no_session_writes(gateway_shop: Client) -> None:
+    auth = gw_headers(user_id="1001", username="alice", email="alice%40example.com")
+    steps: list[tuple[str, str, dict[str, Any]]] = [
+        ("GET", "/", {}),
+        ("GET", "/products", {}),
+        ("GET", "/products/laptop-123", {}),
+        ("POST", "/cart/add", {"data": {"sku": "laptop-123", "qty": "1"}}),
+        ("GET", "/cart", {}),
+        ("POST", "/login", {"data": {"username": "alice", "password": "alice-password"}}),
+        ("GET", "/account", {"headers": auth}),
+        ("GET", "/debug/headers", {"headers": auth}),
+        ("POST", "/logout", {"headers": auth}),
+    ]
+    for method, path, kwargs in steps:
+        resp = await gateway_shop.request(method, path, allow_redirects=False, **kwargs)
+        assert resp.status in (200, 303), (method, path, resp.status)
+        assert "Set-Cookie" not in resp.headers, (method, path)
+    db = db_of(gateway_shop)
+    assert db.session_writes == 0
+    assert await db.count_sessions() == 0
+
+
+async def test_debug_headers_echoes_decoded_session_headers(gateway_shop: Client) -> None:
+    resp = await gateway_shop.get(
+        "/debug/headers",
+        headers={**gw_headers(username="z%C3%B6e"), "X-Session-Cart-Items": "2",
+                 "X-Forwarded-For": "10.0.0.1"},
+    )
+    body = await resp.json()
+    assert body["mode"] == "gateway"
+    assert body["headers"]["X-Session-Username"] == "zöe"
+    assert "X-Forwarded-For" not in body["headers"]
+    assert body["authenticated"] is True and body["session_id"] == "f" * 64
+    assert body["fields"]["username"] == "zöe"
+    assert body["cart"]["total_items"] == 2
+
+
+async def test_healthz(gateway_shop: Client) -> None:
+    resp = await gateway_shop.get("/healthz")
+    assert resp.status == 200
+    assert await resp.json() == {"status": "ok", "mode": "gateway"}
+
+
+async def test_pages_render(gateway_shop: Client) -> None:
+    resp = await gateway_shop.get("/products")
+    html = await resp.text()
+    assert html.count('<li><a href="/products/') == 20
+    resp = await gateway_shop.get("/products/monitor-300")
+    assert resp.status == 200 and "27in 4K Monitor" in await resp.text()
+    resp = await gateway_shop.get("/products/nope")
+    assert resp.status == 404
+
+
+def test_make_app_rejects_unknown_mode(sqlite_url: str) -> None:
+    with pytest.raises(ValueError, match="mode must be one of"):
+        make_app("stateless", sqlite_url)
+
+
+# ================================================================= legacy mode
+def legacy_cookie(client: Client) -> str | None:
+    for cookie in client.session.cookie_jar:
+        if cookie.key == LEGACY_COOKIE:
+            return cookie.value
+    return None
+
+
+async def _legacy_walk(client: Client) -> None:
+    db = db_of(client)
+    assert await db.count_sessions() == 0
+
+    # A first visit creates the session row and the cookie.
+    resp = await client.get("/")
+    assert resp.status == 200
+    guest = legacy_cookie(client)
+    assert guest is not None and len(guest) == 43
+    row = await db.session_get(guest)
+    assert row is not None and row["user_id"] is None and row["page_views"] == 1
+
+    # Every request: one SELECT + one UPDATE, page_views + 1, current page recorded.
+    writes = db.session_writes
+    for n, path in enumerate(("/products", "/products/mouse-456", "/cart"), start=2):
+        await client.get(path)
+        row = await db.session_get(guest)
+        assert row is not None
+        assert row["page_views"] == n
+        assert row["current_page"] == path
+    assert db.session_writes == writes + 3
+
+    # The health check is not a page view.
+    await client.get("/healthz")
+    row = await db.session_get(guest)
+    assert row is not None and row["page_views"] == 4
+
+    # Guest cart in the DB.
+    resp = await client.post("/cart/add", data={"sku": "mouse-456", "qty": "2"})
+    assert resp.status == 200 and "Silent Mouse" in await resp.text()
+
+    # Wrong password: still a guest.
+    resp = await client.post("/login", data={"username": "alice", "password": "x"})
+    assert resp.status == 401
+    assert legacy_cookie(client) == guest
+
+    # Login: row becomes the user's, token rotated, cart kept.
+    resp = await client.post(
+        "/login", data={"username": "alice", "password": "alice-password"},
+        allow_redirects=False,
+    )
+    assert resp.status == 303 and "X-Session-Login" not in resp.headers
+    user_token = legacy_cookie(client)
+    assert user_token is not None and user_token != guest
+    assert await db.session_get(guest) is None
+    row = await db.session_get(user_token)
+    assert row is not None
+    assert (row["user_id"], row["username"], row["email"]) == (1001, "alice", "alice@example.com")
+    assert row["login_time"] is not None
+    assert '"mouse-456"' in row["cart"]
+
+    resp = await client.get("/account")
+    html = await resp.text()
+    assert '<strong id="username">alice</strong>' in html
+    assert "<th>page_views</th>" in html
+
+    # Logout deletes the row and clears the cookie.
+    resp = await client.post("/logout", allow_redirects=False)
+    assert resp.status == 303
+    assert await db.session_get(user_token) is None
+    assert legacy_cookie(client) in (None, "")
+
+
+async def test_legacy_mode_sqlite(aiohttp_client: MakeClient, sqlite_url: str) -> None:
+    client = await aiohttp_client(make_app("legacy", sqlite_url))
+    await _legacy_walk(client)
+
+
+async def test_legacy_mode_postgresql(aiohttp_client: MakeClient, postgres_url: str) -> None:
+    client = await aiohttp_client(make_app("legacy", postgres_url))
+    await _legacy_walk(client)
+    # A second app on the same database: the seed is idempotent and data persists.
+    db = db_of(client)
+    assert await db.count_sessions() >= 1  # the guest session made by the logout redirect
+
+
+async def test_legacy_idle_sessions_expire(aiohttp_client: MakeClient, sqlite_url: str) -> None:
+    client = await aiohttp_client(make_app("legacy", sqlite_url, idle_ttl=0.0))
+    await client.get("/")
+    first = legacy_cookie(client)
+    await client.get("/")
+    second = legacy_cookie(client)
+    assert first and second and first != second
+    assert await db_of(client).session_get(first) is None
+
+
+async def test_legacy_forged_cookie_gets_a_fresh_session(
+    aiohttp_client: MakeClient, sqlite_url: str
+) -> None:
+    client = await aiohttp_client(make_app("legacy", sqlite_url))
+    client.session.cookie_jar.update_cookies({LEGACY_COOKIE: "x" * 43})
+    await client.get("/")
+    assert legacy_cookie(client) != "x" * 43
+    assert await db_of(client).session_get("x" * 43) is None
