@@ -61,13 +61,14 @@ class Plan:
     store_workers: int
     store_duration: float
     warmup: float
+    shop_logins: int  # each is a real scrypt password check in the shop: keep it small
 
     @classmethod
     def make(cls, a: argparse.Namespace) -> Plan:
         if a.smoke:
-            p = cls(True, 2, 4, 50, 200, 2, 200, 2, 8, 2_000, 8, 1, 0)
+            p = cls(True, 2, 4, 50, 200, 2, 200, 2, 8, 2_000, 8, 1, 0, 12)
         else:
-            p = cls(False, 10, 64, 1_000, 1_000, 10, 6_000, 60, 128, 100_000, 32, 5, 1)
+            p = cls(False, 10, 64, 1_000, 1_000, 10, 6_000, 60, 128, 100_000, 32, 5, 1, 100)
         over = {k: v for k, v in (("duration", a.duration), ("connections", a.connections),
                                   ("sessions", a.sessions)) if v is not None}  # fmt: skip
         return cls(**{**p.__dict__, **over})
@@ -310,8 +311,9 @@ async def run(a: argparse.Namespace) -> int:
                 f"encoding {res['memory']['encoding']}")
             res["store"] = await run_store(plan, mem_port, redis_child)
             children.stop_all()
-            res["shop"] = await shop.run_shop(tmp, pin, plan.duration, plan.connections,
-                                              min(plan.sessions, 200), gw_missing is None)  # fmt: skip
+            res["shop"] = await shop.run_shop(
+                tmp, pin, plan.duration, plan.connections, plan.shop_logins, gw_missing is None
+            )
             if "skipped" in res["shop"]:
                 log(f"shop: {res['shop']['skipped']}")
     except HarnessError as e:

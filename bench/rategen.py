@@ -32,7 +32,8 @@ def pct(sorted_vals: list[float], p: float) -> float:
 async def generate(
     url: str, rate: float, duration: float, cookies: list[str], conns: int, method: str
 ) -> dict[str, float | int]:
-    loop = asyncio.get_running_loop()
+    # uvloop's loop.time() has millisecond resolution; latencies need microseconds.
+    clock = time.perf_counter
     lat: list[float] = []
     dispatch_lag: list[float] = []
     errors = 0
@@ -50,7 +51,7 @@ async def generate(
 
         async def one(scheduled: float, cookie: str) -> None:
             nonlocal errors
-            dispatch_lag.append(loop.time() - scheduled)
+            dispatch_lag.append(clock() - scheduled)
             try:
                 headers = {"Cookie": cookie} if cookie else {}
                 async with session.request(method, url, headers=headers) as resp:
@@ -59,25 +60,25 @@ async def generate(
                         errors += 1
             except (aiohttp.ClientError, TimeoutError, OSError):
                 errors += 1
-            lat.append(loop.time() - scheduled)
+            lat.append(clock() - scheduled)
 
         total = int(rate * duration)
         tasks: set[asyncio.Task[None]] = set()
-        t0 = loop.time() + 0.05
+        t0 = clock() + 0.05
         k = 0
         while k < total:
-            now = loop.time()
+            now = clock()
             while k < total and t0 + k / rate <= now:
                 t = asyncio.create_task(one(t0 + k / rate, cookies[k % len(cookies)]))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
                 k += 1
-            wait = t0 + k / rate - loop.time()
+            wait = t0 + k / rate - clock()
             # The event loop's timers have ~1 ms resolution; sleep coarse, then yield
             # until the slot, so sends aren't systematically up to 1 ms late. The
             # generator has a CPU of its own when pinned, so spinning costs nothing.
             await asyncio.sleep(wait - 0.0015 if wait > 0.002 else 0)
-        sent_done = loop.time()
+        sent_done = clock()
         if tasks:
             await asyncio.wait(tasks, timeout=15)
     elapsed = sent_done - t0

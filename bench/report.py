@@ -76,8 +76,8 @@ def evaluate_targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     for x, y, goal in (("e", "c", 3.0), ("e", "d", 0.9), ("e", "b", 0.1)):
         r = ratio(x, y)
         out.append(_target(
-            f"{x} ≥ {goal:g}× {y} (req/s)", None if r is None else r >= goal,
-            "—" if r is None else f"{r:.2f}×", f"≥ {goal:g}×",
+            f"{x} ≥ {goal:g}x {y} (req/s)", None if r is None else r >= goal,
+            "—" if r is None else f"{r:.2f}x", f"≥ {goal:g}x",
         ))  # fmt: skip
     cpr = sc.get("e", {}).get("redis_cmds_per_req")
     out.append(_target("Redis commands per session request (e)",
@@ -86,7 +86,7 @@ def evaluate_targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     fx = res.get("fixed_rate", {})
     if "a" in fx and "e" in fx:
         added = fx["e"]["p99_ms"] - fx["a"]["p99_ms"]
-        out.append(_target(f"p99 added over direct at {fx['e']['target_rate']:g} req/s (e − a)",
+        out.append(_target(f"p99 added over direct at {fx['e']['target_rate']:g} req/s (e - a)",
                            added <= 1.0, f"{added:+.2f} ms", "≤ 1 ms"))  # fmt: skip
     else:
         out.append(_target("p99 added over direct at fixed rate", None, "—", "≤ 1 ms"))
@@ -295,13 +295,13 @@ def case_study_claims(res: dict[str, Any]) -> list[dict[str, str]]:
     r, p = st.get("redis", {}), st.get("postgresql", {})
     out = []
     if r.get("updates_per_s") and p.get("updates_per_s"):
-        out.append({"claim": "throughput", "case_study": "5× (20K → 100K+ ops/s)",
-                    "here": f"{r['updates_per_s'] / p['updates_per_s']:.1f}× "
+        out.append({"claim": "throughput", "case_study": "5x (20K → 100K+ ops/s)",
+                    "here": f"{r['updates_per_s'] / p['updates_per_s']:.1f}x "
                             f"({p['updates_per_s']:,.0f} → {r['updates_per_s']:,.0f} "
                             "session updates/s)"})  # fmt: skip
     if r.get("mean_ms") and p.get("mean_ms"):
-        out.append({"claim": "latency", "case_study": "50× (10–50 ms → < 1 ms)",
-                    "here": f"{p['mean_ms'] / r['mean_ms']:.1f}× mean "
+        out.append({"claim": "latency", "case_study": "50x (10-50 ms → < 1 ms)",
+                    "here": f"{p['mean_ms'] / r['mean_ms']:.1f}x mean "
                             f"({p['mean_ms']:.2f} ms → {r['mean_ms']:.2f} ms)"})  # fmt: skip
     shop = res.get("shop", {})
     lg, gw = shop.get("legacy", {}), shop.get("gateway", {})

@@ -112,7 +112,7 @@ class RedisCounter:
             last = now
 
     async def stop(self) -> tuple[int, dict[str, int]]:
-        total, cmds = await self._read()
+        _, cmds = await self._read()
         # Our own INFO calls are commands too; leave them out of the system's count.
         ours = {"info"}
         delta = {

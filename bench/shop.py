@@ -23,7 +23,11 @@ from bench.wrk import run_wrk
 # A logged-in visitor browsing a product page: the request that, in legacy mode, writes
 # the session row (last_activity, current_page, page_views) to PostgreSQL.
 SHOP_LOGIN_PATH = "/login"
-SHOP_PAGE_PATH = "/"
+SHOP_PAGE_PATH = "/products/laptop-123"
+# The shop's seeded demo accounts (public on purpose, see its catalog.py); logins cycle
+# through them, each login making a session of its own.
+SHOP_USERS = (("alice", "alice-password"), ("bob", "bob-password"),
+              ("carol", "carol-password"), ("john_doe", "john-password"))  # fmt: skip
 
 
 def shop_available() -> str | None:
@@ -34,22 +38,25 @@ def shop_available() -> str | None:
 
 
 async def shop_logins(base_url: str, n: int) -> list[str]:
-    """Log n users in; return the whole Cookie header each login earned (any names).
+    """Log n sessions in; return the whole Cookie header each login earned (any names).
 
     The legacy shop sets its own cookie, the gateway sets `sid`; collecting every
-    Set-Cookie keeps this independent of either. Both the query and a form carry the
-    user so either style of login handler accepts it.
+    Set-Cookie keeps this independent of either. A failed login (not a redirect) counts
+    as none: the legacy shop sets a cookie even then, for an anonymous session.
     """
     out: list[str] = []
     sem = asyncio.Semaphore(8)
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
 
         async def one(i: int) -> None:
-            form = {"user_id": str(i + 1), "username": f"u{i + 1}", "password": "bench"}
+            user, password = SHOP_USERS[i % len(SHOP_USERS)]
+            form = {"username": user, "password": password, "next": "/account"}
             async with sem, http.post(
-                f"{base_url}{SHOP_LOGIN_PATH}?user={i + 1}", data=form, allow_redirects=False
+                f"{base_url}{SHOP_LOGIN_PATH}", data=form, allow_redirects=False
             ) as resp:
                 await resp.read()
+                if resp.status not in (302, 303):
+                    return
                 jar = "; ".join(f"{k}={m.value}" for k, m in resp.cookies.items() if m.value)
                 if jar:
                     out.append(jar)
@@ -70,12 +77,9 @@ async def _measure_mode(
     async with pgdb.throwaway_db("bench_shop") as dsn:
         try:
             shop_port = free_port()
-            shop = children.start(
-                f"shop-{mode}",
-                pin.wrap([PYTHON, "-m", "examples.fake_web_retailer", "--port", str(shop_port),
-                          "--mode", mode, "--dsn", dsn], pin.server_cpus),  # fmt: skip
-                tmp,
-            )
+            cmd = [PYTHON, "-m", "examples.fake_web_retailer", "--port", str(shop_port),
+                   "--mode", mode, "--dsn", dsn, "--no-access-log"]  # fmt: skip
+            shop = children.start(f"shop-{mode}", pin.wrap(cmd, pin.server_cpus), tmp)
             wait_port(shop, shop_port, timeout=30)
             url = f"http://127.0.0.1:{shop_port}"
             if mode == "gateway":
@@ -87,7 +91,9 @@ async def _measure_mode(
                 gateway_proc.start_gateway(children, tmp, pin, "gateway-shop", cfg, gw_port)
                 url = f"http://127.0.0.1:{gw_port}"
             cookies = await shop_logins(url, sessions)
-            log(f"  shop {mode}: {len(cookies)} logins gave cookies")
+            log(f"  shop {mode}: {len(cookies)} of {sessions} logins gave cookies")
+            if not cookies:
+                raise HarnessError(f"no login succeeded on the shop in {mode} mode")
             cookie_file = write_cookie_file(tmp / f"cookies-shop-{mode}.txt", cookies)
             # Let the shop's backends go idle so PostgreSQL flushes their counters
             # (rate-limited to once a second) before the baseline is read.

@@ -107,6 +107,8 @@ class ActivitySettings(_Frozen):
     flush_interval: float = Field(0.1, gt=0, le=5)
     max_pending: int = Field(100_000, gt=0, description="sessions buffered at most")
     max_backoff: float = Field(5.0, gt=0)
+    # One flush call's budget; a flush that exceeds it is retried under the same batch id.
+    flush_timeout: float = Field(2.0, gt=0)
     shutdown_timeout: float = Field(5.0, gt=0)
 
 

@@ -87,7 +87,8 @@ class RequestContext:
     session_headers: dict[str, str] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     response: ResponseHead | None = None
-    # Set when this request's response logged a user in: (old session, new session).
+    # Set when this request's response logged a user in; the previous session, if any.
+    logged_in: bool = False
     rotated_from: Session | None = None
 
 

@@ -430,7 +430,9 @@ class Gateway:
 
     def _record_activity(self, ctx: RequestContext) -> None:
         s = ctx.session
-        if s is None or not ctx.redis_ok:
+        # A login wrote the new session's activity fields itself: this request belongs
+        # to the session it replaced.
+        if s is None or not ctx.redis_ok or ctx.logged_in:
             return
         page = ctx.request.path
         if len(page) > MAX_PAGE:
@@ -531,6 +533,7 @@ class Gateway:
             # rather than turning a completed login into an error.
             await self.chain.guarded(p, "login", lambda p=p: p.login(ctx, old, new))  # type: ignore[misc]
         ctx.rotated_from = old
+        ctx.logged_in = True
         ctx.session = new
         set_cookies[:] = [c for c in set_cookies if set_cookie_name(c) != self.cookie.name]
         set_cookies.append(self._cookie(new.token))

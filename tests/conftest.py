@@ -63,6 +63,7 @@ class RedisServer:
                 "--appendonly", "no",
                 "--dir", str(self.dir),
                 "--protected-mode", "no",
+                "--enable-debug-command", "local",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -69,7 +69,7 @@ async def test_long_path_falls_back_to_password_protected_loopback(tmp_path: Pat
         # Without the password the server refuses to work.
         port = int(url.rsplit(":", 1)[1].split("/")[0])
         anonymous = aioredis.Redis(host="127.0.0.1", port=port)
-        with pytest.raises(Exception, match="(?i)auth"):
+        with pytest.raises(Exception, match=r"(?i)auth"):
             await anonymous.set("x", "1")
         await anonymous.aclose()
     finally:

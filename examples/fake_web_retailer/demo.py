@@ -1,0 +1,391 @@
+"""``make demo``: the Fake Web Retailer behind the Session Gateway, end to end.
+
+Starts a private Redis (gateway.embedded), the shop in gateway mode (SQLite in a
+temporary directory) and ``python -m gateway`` with a generated config, then walks
+through a visit as a browser would: browse, add to cart as a guest, log in (the cart is
+kept), browse, view the account, log out. At each step it prints what the shop received
+from the gateway and which keys Redis holds.
+
+    python -m examples.fake_web_retailer.demo          # walk, then serve until Ctrl-C
+    python -m examples.fake_web_retailer.demo --once   # walk, exit 0 only if all passed
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import shlex
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+import redis.asyncio as aioredis
+import yaml
+from aiohttp import web
+
+from gateway.embedded import EmbeddedRedis, EmbeddedRedisError
+
+from .app import make_app
+from .views import STATE
+
+ROOT = Path(__file__).resolve().parents[2]
+COOKIE = "sid"
+USER, PASSWORD = "alice", "alice-password"
+PRODUCT, PRODUCT_NAME, QTY = "laptop-123", "UltraBook 14", 2
+
+
+class StepFailed(Exception):
+    pass
+
+
+def check(condition: object, message: str) -> None:
+    if not condition:
+        raise StepFailed(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def gateway_config(listen_port: int, redis_url: str, shop_url: str) -> dict[str, Any]:
+    """The config.yaml the demo gives the gateway (format: DESIGN.md)."""
+    return {
+        "listen": f"127.0.0.1:{listen_port}",
+        "redis": {"url": redis_url},
+        "session": {
+            # Plain http on localhost: a Secure cookie would not come back.
+            "cookie": {"name": COOKIE, "secure": False, "http_only": True, "same_site": "Lax"},
+            "idle_ttl": 3600,
+            "absolute_ttl": 28800,
+        },
+        "upstreams": {"shop": {"servers": [shop_url]}},
+        "routes": [
+            {"path": "/login", "upstream": "shop", "session": "optional",
+             "instructions": ["login", "set"]},
+            {"path": "/", "upstream": "shop", "session": "optional",
+             "instructions": ["set", "logout", "cart"], "guest": True},
+        ],
+        "plugins": ["cart"],
+    }
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+
+
+# ------------------------------------------------------------------------ the walk
+class Visit:
+    """A browser-like client plus the probes that show what happened where."""
+
+    def __init__(self, base: str, http: aiohttp.ClientSession, redis: aioredis.Redis) -> None:
+        self.base = base
+        self.http = http
+        self.redis = redis
+
+    def cookie(self) -> str | None:
+        for c in self.http.cookie_jar:
+            if c.key == COOKIE and c.value:
+                return c.value
+        return None
+
+    async def request(self, method: str, path: str, **kw: Any) -> tuple[int, str, str]:
+        """(status, final path, body); checks that no X-Session-* header leaks out."""
+        async with self.http.request(method, self.base + path, **kw) as resp:
+            body = await resp.text()
+            for r in (*resp.history, resp):
+                leaked = [h for h in r.headers if h.lower().startswith("x-session-")]
+                check(not leaked, f"{method} {path}: X-Session-* headers reached the client: "
+                                  f"{leaked}")
+            return resp.status, resp.url.path, body
+
+    async def received(self) -> dict[str, Any]:
+        """What the shop receives now (its /debug/headers echo), printed."""
+        async with self.http.get(self.base + "/debug/headers") as resp:
+            check(resp.status == 200, f"/debug/headers answered {resp.status}")
+            data: dict[str, Any] = await resp.json()
+        print("    shop received:")
+        for name, value in sorted(data["headers"].items()):
+            print(f"      {name}: {value}")
+        return data
+
+    async def keys(self, show: bool = True) -> dict[str, str]:
+        """All keys in the (private) Redis, printed with type, TTL and hash content."""
+        found: dict[str, str] = {}
+        async for key in self.redis.scan_iter(count=100):
+            found[str(key)] = str(await self.redis.type(key))  # decode_responses=True
+        if show:
+            print("    redis keys:" + ("" if found else " (none)"))
+            for key in sorted(found)[:20]:
+                ttl = await self.redis.ttl(key)
+                extra = ""
+                if found[key] == "hash":
+                    fields = await self.redis.hgetall(key)
+                    extra = " " + json.dumps(dict(sorted(fields.items())))
+                print(f"      {key} ({found[key]}, ttl {ttl}s){extra}")
+        return found
+
+
+def session_keys(keys: dict[str, str]) -> set[str]:
+    return {k for k in keys if "session:" in k and "user_sessions" not in k}
+
+
+async def walk(visit: Visit) -> list[tuple[str, str | None]]:
+    """Run the steps in order; stop at the first failure. Return (step, error) pairs."""
+    memo: dict[str, Any] = {}
+
+    async def guest_visit() -> None:
+        status, _, _ = await visit.request("GET", "/")
+        check(status == 200, f"GET / answered {status}")
+        check(visit.cookie(), f"no {COOKIE!r} cookie was set for the guest")
+        data = await visit.received()
+        check(data["authenticated"] is False, "guest is reported as authenticated")
+        check(data["session_id"], "no X-Session-Id reached the shop")
+        memo["guest_id"] = data["session_id"]
+        await visit.keys()
+
+    async def view_product() -> None:
+        status, _, body = await visit.request("GET", f"/products/{PRODUCT}")
+        check(status == 200 and PRODUCT_NAME in body, f"product page answered {status}")
+
+    async def add_to_cart() -> None:
+        status, path, body = await visit.request(
+            "POST", "/cart/add", data={"sku": PRODUCT, "qty": str(QTY)}
+        )
+        check(status == 200 and path == "/cart", f"add to cart ended at {path} with {status}")
+        check(PRODUCT_NAME in body and f"{QTY} item(s)" in body,
+              "the cart page does not show the item (is the cart plugin loaded?)")
+        data = await visit.received()
+        check(data["cart"]["total_items"] == QTY,
+              f"shop sees {data['cart']['total_items']} cart items, expected {QTY}")
+        keys = await visit.keys()
+        check(any("cart:" in k for k in keys), "no cart:* key in Redis")
+
+    async def log_in() -> None:
+        before_cookie = visit.cookie()
+        memo["before_login_keys"] = session_keys(await visit.keys(show=False))
+        status, path, body = await visit.request(
+            "POST", "/login", data={"username": USER, "password": PASSWORD, "next": "/cart"}
+        )
+        check(status == 200 and path == "/cart", f"login ended at {path} with {status}")
+        after_cookie = visit.cookie()
+        check(after_cookie and after_cookie != before_cookie, "login did not rotate the cookie")
+        check(PRODUCT_NAME in body and f"{QTY} item(s)" in body, "the cart was lost at login")
+        data = await visit.received()
+        check(data["authenticated"] is True, "shop does not see an authenticated session")
+        check(data["fields"].get("username") == USER,
+              f"shop sees username {data['fields'].get('username')!r}")
+        check(data["session_id"] != memo["guest_id"], "the session id did not change at login")
+        memo["user_id"] = data["session_id"]
+        keys = await visit.keys()
+        check(not any(memo["guest_id"] in k for k in keys if k.startswith("session:")),
+              "the guest's session key is still in Redis after login")
+        own = {k for k in session_keys(keys) if memo["user_id"] in k}
+        # If the header id and the key differ, the new keys are the ones login made.
+        memo["user_keys"] = own or (session_keys(keys) - memo["before_login_keys"])
+        check(memo["user_keys"], "no session key for the logged-in user in Redis")
+
+    async def browse_more() -> None:
+        for path in ("/products", "/products/mouse-456", "/"):
+            status, _, _ = await visit.request("GET", path)
+            check(status == 200, f"GET {path} answered {status}")
+
+    async def account() -> None:
+        status, path, body = await visit.request("GET", "/account")
+        check(status == 200 and path == "/account", f"/account ended at {path} with {status}")
+        check(f'<strong id="username">{USER}</strong>' in body, "account page lacks the username")
+        await visit.received()
+
+    async def log_out() -> None:
+        status, path, _ = await visit.request("POST", "/logout")
+        check(status == 200 and path == "/", f"logout ended at {path} with {status}")
+        deadline = time.monotonic() + 2.0
+        while True:  # the write-behind buffer may still touch it for a moment
+            left = [k for k in memo["user_keys"] if await visit.redis.exists(k)]
+            if not left or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        check(not left, f"logout left the session in Redis: {left}")
+        data = await visit.received()
+        check(data["authenticated"] is False, "still authenticated after logout")
+        await visit.keys()
+
+    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        ("a guest opens the home page and gets a cookie", guest_visit),
+        (f"the guest views {PRODUCT}", view_product),
+        (f"the guest adds {QTY} x {PRODUCT_NAME} to the cart", add_to_cart),
+        (f"log in as {USER}: new cookie, same cart", log_in),
+        ("browse some more", browse_more),
+        ("the account page shows the username", account),
+        ("log out: the session is gone from Redis", log_out),
+    ]
+    results: list[tuple[str, str | None]] = []
+    for number, (name, step) in enumerate(steps, start=1):
+        print(f"\n[{number}/{len(steps)}] {name}")
+        try:
+            await step()
+        except StepFailed as exc:
+            print(f"    FAILED: {exc}")
+            results.append((name, str(exc)))
+            break
+        except (aiohttp.ClientError, aioredis.RedisError, KeyError, ValueError) as exc:
+            print(f"    FAILED: {type(exc).__name__}: {exc}")
+            results.append((name, f"{type(exc).__name__}: {exc}"))
+            break
+        print("    ok")
+        results.append((name, None))
+    return results
+
+
+# -------------------------------------------------------------------- orchestration
+async def wait_for_gateway(url: str, proc: asyncio.subprocess.Process, log: Path,
+                           limit: float = 20.0) -> None:
+    deadline = time.monotonic() + limit
+    async with aiohttp.ClientSession() as http:
+        while True:
+            if proc.returncode is not None:
+                raise StepFailed(f"the gateway exited with status {proc.returncode}; "
+                                 f"last lines of {log}:\n{tail(log)}")
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with http.get(url, timeout=aiohttp.ClientTimeout(total=1)):
+                    return  # any answer: the listener is up
+            if time.monotonic() > deadline:
+                raise StepFailed(f"the gateway did not answer {url} within {limit:g}s; "
+                                 f"last lines of {log}:\n{tail(log)}")
+            await asyncio.sleep(0.2)
+
+
+async def stop_process(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), timeout=10)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> int:
+    redis = EmbeddedRedis(workdir / "redis")
+    try:
+        redis_url = await redis.start()
+    except EmbeddedRedisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"redis:   {redis_url} (pid {redis.pid}, data in {redis.data_dir})")
+
+    shop_db = workdir / "shop.sqlite3"
+    shop_app = make_app("gateway", f"sqlite:{shop_db}")
+    runner = web.AppRunner(shop_app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    shop_port = runner.addresses[0][1]
+    shop_url = f"http://127.0.0.1:{shop_port}"
+    print(f"shop:    {shop_url} (gateway mode, database {shop_db})")
+
+    gateway_port = args.port or free_port()
+    config = workdir / "gateway.yaml"
+    config.write_text(yaml.safe_dump(gateway_config(gateway_port, redis_url, shop_url),
+                                     sort_keys=False), encoding="utf-8")
+    log_path = workdir / "gateway.log"
+    command = [*shlex.split(args.gateway_cmd), "--config", str(config)]
+    log: IO[bytes] = open(log_path, "wb")  # noqa: ASYNC230 - once, at start
+    proc = await asyncio.create_subprocess_exec(
+        *command, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT,
+        # Its own process group: Ctrl-C reaches the demo, which then stops it in order.
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{gateway_port}"
+    print(f"gateway: {base} (pid {proc.pid}, config {config}, log {log_path})")
+
+    client = aioredis.from_url(redis_url, decode_responses=True)
+    status = 0
+    try:
+        try:
+            await wait_for_gateway(base + "/healthz", proc, log_path)
+        except StepFailed as exc:
+            print(f"\nerror: {exc}", file=sys.stderr)
+            return 1
+        print(f"\nOpen {base}/ in a browser (users: alice/alice-password, bob/bob-password).")
+        jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1 too
+        async with aiohttp.ClientSession(cookie_jar=jar) as http:
+            results = await walk(Visit(base, http, client))
+        steps_db = shop_app[STATE].db
+        rows, writes = await steps_db.count_sessions(), steps_db.session_writes
+        print(f"\nshop database: {rows} session rows, {writes} session writes")
+        failed = [(name, err) for name, err in results if err]
+        if rows or writes:
+            failed.append(("the shop database saw no session writes", f"{writes} writes"))
+        if failed or len(results) < 7:
+            name, err = failed[0] if failed else ("walk", "incomplete")
+            print(f"\nDEMO FAILED at step: {name}: {err}")
+            print(f"(gateway log: {log_path})\n{tail(log_path, 10)}")
+            status = 1
+        else:
+            print("\nAll steps passed.")
+        if args.once:
+            return status
+        print(f"\nServing on {base}/ - press Ctrl-C to stop.")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        waiter = asyncio.ensure_future(proc.wait())
+        await asyncio.wait([asyncio.ensure_future(stop.wait()), waiter],
+                           return_when=asyncio.FIRST_COMPLETED)
+        if waiter.done():
+            print(f"the gateway exited with status {proc.returncode}; log:\n{tail(log_path)}")
+            return 1
+        print("\nstopping ...")
+        return status
+    finally:
+        await client.aclose()
+        await stop_process(proc)
+        log.close()
+        await runner.cleanup()
+        await redis.stop()
+        print("stopped gateway, shop and redis.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m examples.fake_web_retailer.demo",
+                                     description=__doc__.split("\n\n")[0] if __doc__ else "")
+    parser.add_argument("--once", action="store_true",
+                        help="walk once and exit: 0 if every step passed")
+    parser.add_argument("--port", type=int, default=0,
+                        help="gateway port (default: a free one)")
+    parser.add_argument("--data-dir", type=Path,
+                        help="keep Redis, the shop DB, config and logs here (default: a "
+                             "temporary directory, removed at exit)")
+    parser.add_argument("--gateway-cmd", default=f"{shlex.quote(sys.executable)} -m gateway",
+                        help="command that runs the gateway; '--config FILE' is appended "
+                             "(default: %(default)s)")
+    args = parser.parse_args(argv)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)  # progress shows up as it happens
+    if args.data_dir:
+        args.data_dir.mkdir(parents=True, exist_ok=True)
+        return asyncio.run(run(args, args.data_dir.resolve()))
+    with tempfile.TemporaryDirectory(prefix="fwr-demo-") as tmp:
+        return asyncio.run(run(args, Path(tmp)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Write-behind activity: coalescing, bounds, retries without double counting, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
+
+from gateway import metrics
+from gateway import activity
+from gateway.activity import ActivityWriter
+from gateway.config import ActivitySettings
+from gateway.sessions import public_id
+
+from .conftest import RedisServer, Upstream, base_config, login, wait_for
+
+
+def _key(token: str) -> str:
+    return f"session:{public_id(token)}"
+
+
+async def test_activity_is_recorded_and_coalesced(
+    gw: TestClient, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    token = await login(gw, upstream)
+    rdb.config_resetstat()
+    for i in range(30):
+        assert (await gw.get(f"/page/{i}")).status == 200
+    key = _key(token)
+    await wait_for(lambda: rdb.hget(key, "page_views") == "30")
+    assert rdb.hget(key, "current_page") == "/page/29"
+    assert float(rdb.hget(key, "last_activity") or 0) > time.time() - 10
+    stats = rdb.info("commandstats")
+    hgetall = stats.get("cmdstat_hgetall", {}).get("calls", 0)
+    evalsha = stats.get("cmdstat_evalsha", {}).get("calls", 0)
+    assert hgetall == 30  # one read per request
+    # 30 requests' activity went out in far fewer script calls than requests.
+    assert 1 <= evalsha < 15
+
+
+async def test_ttl_slides_but_not_past_absolute_deadline(
+    make_gateway: Any, redis_server: RedisServer, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    cfg = base_config(redis_server.url, upstream.url)
+    cfg["session"].update(idle_ttl=100, absolute_ttl=200)
+    client = await make_gateway(cfg)
+    token = await login(client, upstream)
+    key = _key(token)
+    # Pretend the login was 150 s ago: 50 s of absolute lifetime remain.
+    rdb.hset(key, "login_time", f"{time.time() - 150:.3f}")
+    rdb.expire(key, 5)
+    await client.get("/p")
+    await wait_for(lambda: rdb.hget(key, "current_page") == "/p")
+    assert 40 <= rdb.ttl(key) <= 50
+
+
+def test_buffer_is_bounded_and_drops_oldest() -> None:
+    async def run() -> None:
+        r = aioredis.Redis(port=1)  # never contacted
+        w = ActivityWriter(r, ActivitySettings(max_pending=3), idle_ttl=60)
+        before = metrics.ACTIVITY_DROPPED._value.get()
+        for i in range(5):
+            w.record(f"session:{i}", "/", time.time() + 60)
+        w.record("session:4", "/again", time.time() + 60)  # coalesces, drops nothing
+        assert w.pending_count() == 3
+        assert list(w._pending) == ["session:2", "session:3", "session:4"]
+        assert w._pending["session:4"].views == 2
+        assert metrics.ACTIVITY_DROPPED._value.get() - before == 2
+        await r.aclose()
+
+    asyncio.run(run())
+
+
+async def test_failed_flush_is_retried_and_merged_without_double_count(
+    redis_server: RedisServer, rdb: redis.Redis
+) -> None:
+    rdb.hset("session:a", mapping={"login_time": f"{time.time():.3f}", "page_views": "0"})
+    r = aioredis.Redis(port=redis_server.port, socket_timeout=0.3, socket_connect_timeout=0.3)
+    w = ActivityWriter(r, ActivitySettings(flush_timeout=0.3), idle_ttl=60)
+    deadline = time.time() + 3600
+    for _ in range(3):
+        w.record("session:a", "/one", deadline)
+    redis_server.kill()
+    assert await w.flush() is False  # Redis is gone: kept for retry
+    w.record("session:a", "/two", deadline)  # newer update while the batch waits
+    redis_server.start()  # same port, empty dataset
+    rdb.hset("session:a", mapping={"login_time": f"{time.time():.3f}", "page_views": "0"})
+    assert await w.flush() is True
+    assert rdb.hget("session:a", "page_views") == "4"
+    assert rdb.hget("session:a", "current_page") == "/two"
+    await r.aclose()
+
+
+async def test_ambiguous_timeout_is_not_counted_twice(
+    redis_server: RedisServer, rdb: redis.Redis
+) -> None:
+    """The flush times out while Redis is busy but Redis applies it afterwards; the retry
+    carries the same batch id and is skipped."""
+    rdb.hset("session:b", mapping={"login_time": f"{time.time():.3f}", "page_views": "0"})
+    r = aioredis.Redis(port=redis_server.port, socket_timeout=5)
+    w = ActivityWriter(r, ActivitySettings(flush_timeout=0.3), idle_ttl=60)
+    await r.script_load(activity._SCRIPT)  # so the first EVALSHA is the one that stalls
+    for _ in range(5):
+        w.record("session:b", "/x", time.time() + 3600)
+    sleeper = threading.Thread(
+        target=lambda: redis.Redis(port=redis_server.port).execute_command("DEBUG", "SLEEP", "1")
+    )
+    sleeper.start()
+    await asyncio.sleep(0.1)
+    assert await w.flush() is False  # timed out; the command is still queued in Redis
+    await asyncio.to_thread(sleeper.join)
+    await wait_for(lambda: rdb.hget("session:b", "page_views") == "5")
+    assert await w.flush() is True  # the retry: same id, skipped by the script
+    assert rdb.hget("session:b", "page_views") == "5"
+    await r.aclose()
+
+
+async def test_activity_never_resurrects_a_logged_out_session(
+    gw: TestClient, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    token = await login(gw, upstream)
+    await gw.get("/before")
+    upstream.reply_headers("/bye", ("X-Session-Logout", "this"))
+    await gw.get("/bye")
+    await asyncio.sleep(0.2)  # several flush intervals
+    assert not rdb.exists(_key(token))
+
+
+def test_sigterm_flushes_buffered_activity(
+    gateway_process: Any, redis_server: RedisServer, rdb: redis.Redis
+) -> None:
+    import aiohttp
+    from aiohttp import web
+
+    async def scenario() -> None:
+        async def backend(request: web.Request) -> web.Response:
+            r = web.Response(text="ok")
+            if request.path == "/login":
+                r.headers["X-Session-Login"] = "user_id=5"
+            return r
+
+        app = web.Application()
+        app.router.add_route("*", "/{t:.*}", backend)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        from .conftest import free_port
+
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        cfg = base_config(redis_server.url, f"http://127.0.0.1:{port}")
+        cfg["activity"] = {"flush_interval": 5}  # nothing flushes before the signal
+        gp = await asyncio.to_thread(gateway_process, cfg)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gp.url + "/login") as resp:
+                token = resp.cookies["sid"].value
+            for i in range(7):
+                async with s.get(gp.url + f"/shop/{i}", cookies={"sid": token}) as resp:
+                    assert resp.status == 200
+        key = _key(token)
+        assert rdb.hget(key, "page_views") == "0"
+        gp.proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.to_thread(gp.proc.wait, 20)
+        await runner.cleanup()
+        assert rc == 0, gp.log()
+        assert rdb.hget(key, "page_views") == "7", gp.log()
+        assert rdb.hget(key, "current_page") == "/shop/6"
+        assert "activity flushed" in gp.log()
+
+    asyncio.run(scenario())
