@@ -347,6 +347,7 @@ async def run_store(plan: Plan, redis_port: int, redis_child: Child) -> dict[str
     if why:
         out["postgresql"] = {"skipped": why}
         return out
+    out["pg_settings"] = await pgdb.durability_settings()
     log(f"session store alone: PostgreSQL, {plan.store_workers} workers")
     async with pgdb.throwaway_db("bench_store") as dsn:
         out["postgresql"] = await store.pg_updates(

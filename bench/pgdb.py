@@ -78,3 +78,14 @@ async def db_cpu(dsn: str) -> tuple[list[int], float]:
     db = dsn.rsplit("/", 1)[1]
     pids = await backend_pids(dsn, db)
     return pids, cpu_seconds(pids)
+
+
+async def durability_settings() -> str:
+    """fsync/synchronous_commit decide what an UPDATE costs; the report states them."""
+    c = await asyncpg.connect(ADMIN_DSN, timeout=10)
+    try:
+        names = ("server_version", "fsync", "synchronous_commit", "shared_buffers")
+        vals = [f"{n}={await c.fetchval(f'SHOW {n}')}" for n in names]
+    finally:
+        await c.close()
+    return ", ".join(vals)

@@ -4,7 +4,10 @@ Redis: the case study's `update_session_activity` pipeline (HSET, HSET, HINCRBY,
 in redis-py's default transactional pipeline). PostgreSQL: one UPDATE of the same
 seven-field row through asyncpg (autocommit, so one transaction and one WAL flush per
 update, like a web app writing the session at the end of each request). N workers each
-loop for a fixed duration; both drivers run in this process on the same event loop.
+loop for a fixed duration; both drivers run in this process on the same event loop, so
+the client side (Python) limits both rates alike. The server's own CPU per update
+(Redis: INFO used_cpu_*; PostgreSQL: /proc of the pool's backend processes) shows the
+stores' cost apart from the driver.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
+from bench import pgdb
+from bench.procs import cpu_seconds
 from bench.rategen import pct
 from bench.sessions import session_fields, session_key
 
@@ -86,9 +91,19 @@ async def redis_updates(url: str, workers: int, duration: float, n: int) -> dict
             pipe.expire(key, 3600)
             await pipe.execute()
 
-        return await _drive(workers, duration, op)
+        cpu0 = await _redis_cpu(r)
+        out = await _drive(workers, duration, op)
+        out["server_cpu_us_per_update"] = round(
+            (await _redis_cpu(r) - cpu0) * 1e6 / max(1, out["updates"]), 1
+        )
+        return out
     finally:
         await r.aclose()
+
+
+async def _redis_cpu(r: aioredis.Redis) -> float:
+    info = await r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 async def pg_updates(dsn: str, workers: int, duration: float, n: int) -> dict[str, Any]:
@@ -113,6 +128,12 @@ async def pg_updates(dsn: str, workers: int, duration: float, n: int) -> dict[st
                 time.time(), "/products/laptop-123", tokens[(w * 7919 + k) % n],
             )  # fmt: skip
 
-        return await _drive(workers, duration, op)
+        pids = await pgdb.backend_pids(dsn, dsn.rsplit("/", 1)[1])
+        cpu0 = cpu_seconds(pids)
+        out = await _drive(workers, duration, op)
+        out["server_cpu_us_per_update"] = round(
+            (cpu_seconds(pids) - cpu0) * 1e6 / max(1, out["updates"]), 1
+        )
+        return out
     finally:
         await pool.close()

@@ -12,8 +12,7 @@ import redis
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from gateway import metrics
-from gateway import activity
+from gateway import activity, metrics
 from gateway.activity import ActivityWriter
 from gateway.config import ActivitySettings
 from gateway.sessions import public_id

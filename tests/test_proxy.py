@@ -96,7 +96,9 @@ async def test_bodies_are_not_decompressed(gw: TestClient, upstream: Upstream) -
 
 
 async def test_forwarding_headers(gw: TestClient, upstream: Upstream) -> None:
-    await gw.get("/static/f", headers={"Host": "shop.example:8443", "X-Request-Id": "abcdefgh-1234"})
+    await gw.get(
+        "/static/f", headers={"Host": "shop.example:8443", "X-Request-Id": "abcdefgh-1234"}
+    )
     got = upstream.last
     assert got.header("X-Forwarded-For") == "127.0.0.1"
     assert got.header("X-Forwarded-Proto") == "http"
@@ -111,8 +113,9 @@ async def test_request_id_is_generated_and_returned(gw: TestClient, upstream: Up
     assert resp.headers["X-Request-Id"] == rid
 
 
-async def test_unknown_route_is_404(make_gateway: GatewayFactory, redis_server: RedisServer,
-                                    upstream: Upstream) -> None:
+async def test_unknown_route_is_404(
+    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream
+) -> None:
     cfg = base_config(redis_server.url, upstream.url)
     cfg["routes"] = [{"path": "/only/", "upstream": "app", "session": "none"}]
     client = await make_gateway(cfg)
@@ -122,6 +125,7 @@ async def test_unknown_route_is_404(make_gateway: GatewayFactory, redis_server: 
 
 
 # -- streaming ---------------------------------------------------------------------------
+
 
 def _rss_mib() -> float:
     with open(f"/proc/{os.getpid()}/status") as f:
@@ -203,8 +207,10 @@ async def test_chunked_upload_is_streamed_to_upstream(gw: TestClient, upstream: 
 
 # -- upstream failures ---------------------------------------------------------------------
 
-async def test_refused_upstream_is_502(make_gateway: GatewayFactory, redis_server: RedisServer,
-                                       upstream: Upstream) -> None:
+
+async def test_refused_upstream_is_502(
+    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream
+) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     client = await make_gateway(base_config(redis_server.url, dead))
     resp = await client.get("/static/x")
@@ -213,8 +219,9 @@ async def test_refused_upstream_is_502(make_gateway: GatewayFactory, redis_serve
     assert "bad gateway" in body and "Traceback" not in body
 
 
-async def test_slow_upstream_is_504(make_gateway: GatewayFactory, redis_server: RedisServer,
-                                    upstream: Upstream) -> None:
+async def test_slow_upstream_is_504(
+    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream
+) -> None:
     async def stall(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(3)
         return web.Response(text="late")
@@ -228,11 +235,13 @@ async def test_slow_upstream_is_504(make_gateway: GatewayFactory, redis_server: 
     assert "timeout" in await resp.text()
 
 
-async def test_round_robin_ejection_and_retry(make_gateway: GatewayFactory,
-                                              redis_server: RedisServer) -> None:
+async def test_round_robin_ejection_and_retry(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
     hits: dict[str, int] = {"a": 0, "b": 0}
     servers = []
     for name in ("a", "b"):
+
         async def h(request: web.Request, name: str = name) -> web.Response:
             hits[name] += 1
             return web.Response(text=name)
@@ -262,8 +271,9 @@ async def test_round_robin_ejection_and_retry(make_gateway: GatewayFactory,
             await runner.cleanup()
 
 
-async def test_upstream_closing_mid_body_cuts_the_client(gw: TestClient,
-                                                         upstream: Upstream) -> None:
+async def test_upstream_closing_mid_body_cuts_the_client(
+    gw: TestClient, upstream: Upstream
+) -> None:
     async def broken(request: web.Request) -> web.StreamResponse:
         r = web.StreamResponse()
         r.content_length = 1000
@@ -281,6 +291,7 @@ async def test_upstream_closing_mid_body_cuts_the_client(gw: TestClient,
 
 
 # -- WebSocket ----------------------------------------------------------------------------
+
 
 async def test_websocket_proxied_with_session_at_handshake(
     make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream
