@@ -28,12 +28,10 @@ from .config import ActivitySettings
 log = logging.getLogger("gateway.activity")
 
 BATCH = 500  # sessions per script call: bounds one call's argument list and run time
-_ARGS_PER_KEY = 5
 
 # KEYS[1] = batch marker, KEYS[2..] = session hashes
-# ARGV = idle_ttl, now, then per session: last_activity, page, views, deadline, login_time
-# login_time is empty for a session that must already exist (no resurrection after a
-# logout) and set for a guest created by the request that recorded it.
+# ARGV = idle_ttl, now, then per session: last_activity, page, views, deadline
+# Only an existing hash is touched: activity must never resurrect a logged-out session.
 _SCRIPT = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', 300) == false then return -1 end
 local idle = tonumber(ARGV[1])
@@ -41,15 +39,12 @@ local now = tonumber(ARGV[2])
 local n = 0
 for i = 2, #KEYS do
   local k = KEYS[i]
-  local b = 2 + (i - 2) * 5
-  local created = ARGV[b + 5]
-  local exists = redis.call('EXISTS', k) == 1
-  if exists or created ~= '' then
+  local b = 2 + (i - 2) * 4
+  if redis.call('EXISTS', k) == 1 then
     local ttl = math.min(idle, math.floor(tonumber(ARGV[b + 4]) - now))
     if ttl <= 0 then
       redis.call('DEL', k)
     else
-      if not exists then redis.call('HSET', k, 'login_time', created) end
       redis.call('HSET', k, 'last_activity', ARGV[b + 1], 'current_page', ARGV[b + 2])
       redis.call('HINCRBY', k, 'page_views', ARGV[b + 3])
       redis.call('EXPIRE', k, ttl)
@@ -67,7 +62,6 @@ class Pending:
     page: str
     views: int
     deadline: float
-    login_time: str  # "" unless this entry may create the hash (a new guest)
 
 
 @dataclass(slots=True)
@@ -98,7 +92,7 @@ class ActivityWriter:
 
     # -- request side (synchronous, never blocks) --------------------------------------
 
-    def record(self, key: str, page: str, deadline: float, login_time: str = "") -> None:
+    def record(self, key: str, page: str, deadline: float) -> None:
         now = time.time()
         p = self._pending.get(key)
         if p is not None:
@@ -108,7 +102,7 @@ class ActivityWriter:
             return
         if self.pending_count() >= self.settings.max_pending:
             self._drop_oldest()
-        self._pending[key] = Pending(now, page, 1, deadline, login_time)
+        self._pending[key] = Pending(now, page, 1, deadline)
 
     def pending_count(self) -> int:
         return len(self._pending) + sum(len(b.entries) for b in self._retry)
@@ -211,7 +205,7 @@ class ActivityWriter:
         args: list[str | int | float] = [self.idle_ttl, f"{now:.3f}"]
         for key, p in batch.entries.items():
             keys.append(key)
-            args += [f"{p.last_activity:.3f}", p.page, p.views, f"{p.deadline:.3f}", p.login_time]
+            args += [f"{p.last_activity:.3f}", p.page, p.views, f"{p.deadline:.3f}"]
         return keys, args
 
     async def stop(self) -> None:

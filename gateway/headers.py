@@ -10,11 +10,13 @@ import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import quote, unquote
 
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import CIMultiDict, CIMultiDictProxy
 
-# RFC 9110 §7.6.1 plus the de-facto ones (Keep-Alive, Proxy-Connection).
+# RFC 9110 §7.6.1 plus the de-facto ones (Keep-Alive, Proxy-Connection). Plain lower-case
+# strings: multidict's istr hashes case-sensitively, so a set of istr only matches the
+# exact spelling (and the pure-Python parser keeps the client's spelling).
 HOP_BY_HOP = frozenset(
-    istr(h)
+    h.lower()
     for h in (
         "Connection",
         "Keep-Alive",
@@ -30,7 +32,7 @@ HOP_BY_HOP = frozenset(
 SESSION_PREFIX = "x-session-"
 # Headers the gateway itself sets towards the backend: a client-sent copy is replaced.
 GATEWAY_REQUEST_HEADERS = frozenset(
-    istr(h) for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Request-Id")
+    h.lower() for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Request-Id")
 )
 _VISIBLE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 FIELD_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -65,17 +67,17 @@ def connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set
 def strip_headers(
     headers: CIMultiDictProxy[str] | CIMultiDict[str],
     *,
-    drop: frozenset[istr] = frozenset(),
+    drop: frozenset[str] = frozenset(),
 ) -> CIMultiDict[str]:
     """A copy without hop-by-hop headers, names listed in Connection, any X-Session-*
-    spelling, and ``drop``."""
+    spelling, and ``drop`` (lower-case names)."""
     listed = connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        key = istr(name)
-        if key in HOP_BY_HOP or key in drop:
-            continue
         norm = normalized(name)
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in drop:
+            continue
         if norm in listed or norm.startswith(SESSION_PREFIX):
             continue
         out.add(name, value)

@@ -90,6 +90,9 @@ class RequestContext:
     # Set when this request's response logged a user in; the previous session, if any.
     logged_in: bool = False
     rotated_from: Session | None = None
+    # Set by a response hook to see the upstream body as it is streamed to the client:
+    # called with each chunk, then once with None after the last one was sent.
+    body_tap: Callable[[bytes | None], None] | None = None
 
 
 class Plugin:

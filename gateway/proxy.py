@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import CIMultiDict, CIMultiDictProxy
 from redis.exceptions import RedisError
 from yarl import URL
 
@@ -23,6 +23,7 @@ from .headers import (
     FIELD_NAME_RE,
     GATEWAY_REQUEST_HEADERS,
     REQUEST_ID_RE,
+    connection_tokens,
     encode_value,
     header_name_for,
     is_session_header,
@@ -117,6 +118,10 @@ class Gateway:
             raise
         except asyncio.CancelledError:
             raise
+        except ConnectionResetError:
+            # The client went away mid-response; nothing to answer and nothing wrong.
+            log.debug("client disconnected during %s %s", request.method, request.path)
+            resp = web.Response(status=499)
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)
             resp = _text(500, "gateway error")
@@ -145,6 +150,9 @@ class Gateway:
             return "invalid Host"
         path = request.path
         if "/../" in path or path.endswith("/..") or "/./" in path or "\x00" in path:
+            return "dot segments in path"
+        # Backends on Windows (IIS) read "\" as "/": "..\" is a dot segment to them.
+        if "..\\" in path or "\\.." in path:
             return "dot segments in path"
         return None
 
@@ -214,9 +222,19 @@ class Gateway:
                     return _text(503, "session store unavailable", {"Retry-After": "5"})
                 return None
             stale = ctx.session is None
-        if ctx.session is None and route.guest:
-            ctx.session = self.store.new_guest()
-            set_cookies.append(self._cookie(ctx.session.token))
+        if ctx.session is None and route.guest and ctx.redis_ok:
+            guest = self.store.new_guest()
+            # Written before the response, not behind: the visitor's next request (a
+            # favicon, an image) may come before any flush and must find it.
+            try:
+                await self._call_redis("guest", self.store.create(guest))
+            except RedisUnavailable:
+                ctx.redis_ok = False
+                if route.on_redis_error == "closed":
+                    return _text(503, "session store unavailable", {"Retry-After": "5"})
+            else:
+                ctx.session = guest
+                set_cookies.append(self._cookie(guest.token))
         elif stale and ctx.session is None and len(values) <= 1:
             set_cookies.append(self._expired_cookie())
         if ctx.session is None and route.session == "required":
@@ -258,10 +276,10 @@ class Gateway:
         request = ctx.request
         headers = strip_headers(
             request.headers,
-            drop=GATEWAY_REQUEST_HEADERS | {istr("Host"), istr("Cookie")},
+            drop=GATEWAY_REQUEST_HEADERS | {"host", "cookie"},
         )
         cookies = request.headers.getall("Cookie", ())
-        if cookies:
+        if cookies and "cookie" not in connection_tokens(request.headers):
             kept = (
                 "; ".join(cookies)
                 if self.cookie.forward
@@ -314,7 +332,7 @@ class Gateway:
         retry_ok = request.method in IDEMPOTENT and body is None
         last_error = ""
         for server in upstream.candidates():
-            url = server.join(URL(request.raw_path, encoded=True))
+            url = _target(server, request)
             try:
                 resp = await self.client.request(
                     request.method,
@@ -392,6 +410,8 @@ class Gateway:
             try:
                 async for chunk in upstream_resp.content.iter_any():
                     await resp.write(chunk)
+                    if ctx.body_tap is not None:
+                        ctx.body_tap(chunk)
             except (aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError, TimeoutError) as e:
                 # Headers are gone already: all we can do is cut the connection so the
                 # client sees a truncated response instead of a silently short one.
@@ -402,6 +422,8 @@ class Gateway:
                 self._completed(ctx, plugins)
                 return resp
         await resp.write_eof()
+        if ctx.body_tap is not None:
+            ctx.body_tap(None)
         self._completed(ctx, plugins)
         return resp
 
@@ -437,12 +459,7 @@ class Gateway:
         page = ctx.request.path
         if len(page) > MAX_PAGE:
             page = page[:MAX_PAGE]
-        self.activity.record(
-            self.store.keys.session(s.key_id),
-            page,
-            s.deadline,
-            s.fields["login_time"] if s.new else "",
-        )
+        self.activity.record(self.store.keys.session(s.key_id), page, s.deadline)
 
     def _completed(self, ctx: RequestContext, plugins: list[Plugin]) -> None:
         for p in plugins:
@@ -546,11 +563,7 @@ class Gateway:
         if s is None or not clean:
             _dropped("set", "no-session" if s is None else "reserved")
             return
-        if s.new:
-            s.fields.update(clean)
-            await self._call_redis("set", self.store.create(s))
-        else:
-            await self._call_redis("set", self.store.update(s, clean))
+        await self._call_redis("set", self.store.update(s, clean))
         metrics.INSTRUCTIONS.labels("set", "applied").inc()
 
     async def _logout(
@@ -565,7 +578,7 @@ class Gateway:
         set_cookies[:] = [c for c in set_cookies if set_cookie_name(c) != self.cookie.name]
         set_cookies.append(self._expired_cookie())
         ctx.session = None
-        if s is None or s.new:
+        if s is None:
             metrics.INSTRUCTIONS.labels("logout", "applied").inc()
             return
         await self.activity.discard(self.store.keys.session(s.key_id))
@@ -616,7 +629,7 @@ class Gateway:
         ]
         upstream_ws: aiohttp.ClientWebSocketResponse | None = None
         for server in upstream.candidates():
-            url = server.join(URL(request.raw_path, encoded=True))
+            url = _target(server, request)
             try:
                 upstream_ws = await self.client.ws_connect(
                     url,
@@ -697,6 +710,19 @@ class _Body:
 
 def _body(request: web.Request) -> _Body:
     return _Body(request)
+
+
+def _target(server: URL, request: web.Request) -> URL:
+    """The upstream URL: the server plus the request's path and query, byte for byte.
+
+    SECURITY: concatenated, never ``server.join(...)``: an absolute-form target
+    (``GET http://evil/ HTTP/1.1``) or a path starting with ``//`` would otherwise pick
+    the host the gateway connects to.
+    """
+    raw = request.raw_path
+    if not raw.startswith("/"):
+        raw = request.rel_url.raw_path_qs
+    return URL(f"{server}{raw}", encoded=True)
 
 
 def _is_websocket(request: web.Request) -> bool:

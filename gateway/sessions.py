@@ -6,6 +6,7 @@ nor ``X-Session-Id`` hands out a live cookie (cf. Rack CVE-2019-16782).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import secrets
@@ -15,6 +16,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from .batching import BatchedReader
 from .config import SessionSettings
 
 TOKEN_BYTES = 32  # 256 bits from secrets; the format check below knows its length
@@ -73,7 +75,7 @@ class Session:
     id: str  # X-Session-Id: sha256 of the token, whatever the key layout
     fields: dict[str, str]
     deadline: float  # absolute expiry (epoch seconds)
-    new: bool = False  # created by this request (guest); not yet in Redis
+    new: bool = False  # created by this request (a guest): nothing is stored under it yet
     changed: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -90,6 +92,7 @@ class SessionStore:
         self.redis = redis
         self.settings = settings
         self.keys = keys
+        self.reader = BatchedReader(redis)
 
     def _deadline(self, fields: dict[str, str], now: float) -> float:
         try:
@@ -120,8 +123,9 @@ class SessionStore:
         )
 
     async def load(self, token: str) -> Session | None:
-        fields = cast(
-            dict[str, str], await self.redis.hgetall(self.keys.session(self.keys.key_id(token)))
+        # shield: a request whose Redis timeout fires must not cancel the shared batch.
+        fields = await asyncio.shield(
+            self.reader.hgetall(self.keys.session(self.keys.key_id(token)))
         )
         return self.from_fields(token, fields, time.time())
 
@@ -171,14 +175,12 @@ class SessionStore:
         return session
 
     async def create(self, session: Session) -> None:
-        """Write a guest session that so far lived only in its cookie (its first request
-        carried an instruction that must not wait for the activity flush)."""
+        """Write a new anonymous (guest) session."""
         key = self.keys.session(session.key_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=cast(Any, session.fields))
             pipe.expire(key, self.settings.idle_ttl)
             await pipe.execute()
-        session.new = False
 
     async def update(self, session: Session, fields: dict[str, str]) -> None:
         key = self.keys.session(session.key_id)

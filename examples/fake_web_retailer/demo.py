@@ -72,12 +72,15 @@ def gateway_config(listen_port: int, redis_url: str, shop_url: str) -> dict[str,
         },
         "upstreams": {"shop": {"servers": [shop_url]}},
         "routes": [
+            # Probes must not mint guest sessions.
+            {"path": "/healthz", "upstream": "shop", "session": "none"},
             {"path": "/login", "upstream": "shop", "session": "optional",
              "instructions": ["login", "set"]},
             {"path": "/", "upstream": "shop", "session": "optional",
              "instructions": ["set", "logout", "cart"], "guest": True},
         ],
-        "plugins": ["cart"],
+        # The contents header lets the cart page list the items, not just the totals.
+        "plugins": [{"cart": {"contents_header": True}}],
     }
 
 
@@ -162,6 +165,10 @@ async def walk(visit: Visit) -> list[tuple[str, str | None]]:
     async def view_product() -> None:
         status, _, body = await visit.request("GET", f"/products/{PRODUCT}")
         check(status == 200 and PRODUCT_NAME in body, f"product page answered {status}")
+        data = await visit.received()
+        check(data["session_id"] == memo["guest_id"],
+              "the guest's session did not carry over to the next request "
+              f"(X-Session-Id {memo['guest_id'][:12]}... became {data['session_id'][:12]}...)")
 
     async def add_to_cart() -> None:
         status, path, body = await visit.request(

@@ -1,0 +1,391 @@
+"""The shopping cart: ``cart:<id>`` changed only by the backend's X-Session-Cart-* headers.
+
+Layout (DESIGN.md, contract)::
+
+    cart:<id>  HASH  item:<sku> -> "<sku>|<qty>|<unit price>"
+                     total_items -> "3"          (sum of quantities)
+                     total_value -> "1029.97"    (exact, two decimals)
+
+Every change runs as one Lua script that recomputes the totals from the items, so the
+totals equal the items after any interleaving of concurrent changes. Money never touches
+a float in Python or a fractional number in Lua: prices travel and are summed as integer
+cents, which a Lua double holds exactly below 2^53 (the script refuses a cart whose total
+would pass ``MAX_TOTAL_CENTS``, far below that).
+
+Login: the old session's cart moves to the new session. With ``persist_user_cart`` an
+authenticated session's cart is mirrored into ``user_cart:<user_id>`` on every change,
+and that copy is merged in at the next login, so a user finds the cart on a new device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any, cast
+
+from aiohttp import web
+from prometheus_client import Counter
+from pydantic import Field
+from redis.exceptions import RedisError
+
+from gateway.plugin import CartInstruction, Plugin, PluginConfig, RequestContext
+from gateway.sessions import Session
+
+log = logging.getLogger("plugins.cart")
+
+CART_INSTRUCTIONS = Counter(
+    "gateway_cart_instructions_total", "Cart instructions by outcome", ["kind", "outcome"]
+)
+CART_READ_ERRORS = Counter("gateway_cart_read_errors_total", "Cart reads that failed")
+
+SKU_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+PRICE_RE = re.compile(r"([0-9]{1,9})(?:\.([0-9]{1,2}))?")
+QTY_RE = re.compile(r"[0-9]{1,4}")
+MAX_QTY = 9999
+MAX_TOTAL_CENTS = 10**15  # 10 trillion in major units; exact in a double (< 2^53)
+REDIS_FAILURES = (RedisError, OSError, TimeoutError)
+
+# Shared Lua: parse "<sku>|<qty>|<price>" into integer cents (a leading "$", as in the
+# case study's sample data, is tolerated on read) and format cents back to "123.45".
+_LUA_COMMON = """
+local MAX_TOTAL = 1000000000000000
+local MAX_QTY = 9999
+local function cents_of(p)
+  if string.sub(p, 1, 1) == '$' then p = string.sub(p, 2) end
+  local i, f = string.match(p, '^(%d+)%.?(%d?%d?)$')
+  if not i or #i > 9 then return nil end
+  if f == '' then f = '00' elseif #f == 1 then f = f .. '0' end
+  return tonumber(i) * 100 + tonumber(f)
+end
+local function parse(v)
+  local sku, q, p = string.match(v, '^([^|]+)|(%d+)|([^|]+)$')
+  if not sku then return nil end
+  local c = cents_of(p)
+  if not c then return nil end
+  return sku, tonumber(q), c
+end
+local function money(c)
+  local r = c % 100
+  return string.format('%.0f.%02d', (c - r) / 100, r)
+end
+local function read_items(key)
+  local all = redis.call('HGETALL', key)
+  local items, order = {}, {}
+  for i = 1, #all, 2 do
+    if string.sub(all[i], 1, 5) == 'item:' then
+      local sku, q, c = parse(all[i + 1])
+      if sku then
+        items[sku] = {q, c}
+        table.insert(order, sku)
+      end
+    end
+  end
+  return items, order
+end
+local function write_cart(key, items, order, ttl)
+  redis.call('DEL', key)
+  local qty, cents, args, seen = 0, 0, {}, {}
+  for _, sku in ipairs(order) do
+    local it = items[sku]
+    if it and it[1] > 0 and not seen[sku] then
+      seen[sku] = true
+      qty = qty + it[1]
+      cents = cents + it[1] * it[2]
+      table.insert(args, 'item:' .. sku)
+      table.insert(args, sku .. '|' .. it[1] .. '|' .. money(it[2]))
+    end
+  end
+  if #args > 0 then
+    table.insert(args, 'total_items')
+    table.insert(args, tostring(qty))
+    table.insert(args, 'total_value')
+    table.insert(args, money(cents))
+    redis.call('HSET', key, unpack(args))
+    redis.call('EXPIRE', key, ttl)
+  end
+  return qty, cents
+end
+local function total_of(items)
+  local cents = 0
+  for _, it in pairs(items) do cents = cents + it[1] * it[2] end
+  return cents
+end
+local function mirror(src, dst, ttl)
+  redis.call('DEL', dst)
+  local all = redis.call('HGETALL', src)
+  if #all > 0 then
+    redis.call('HSET', dst, unpack(all))
+    redis.call('EXPIRE', dst, ttl)
+  end
+end
+"""
+
+# KEYS[1] = cart, KEYS[2] = user copy (only for an authenticated session that keeps one)
+# ARGV = ttl, max_items, user_ttl, then per instruction: op, sku, qty, cents
+# Returns {total_items, total_value, outcome per instruction}.
+_APPLY = (
+    _LUA_COMMON
+    + """
+local ttl, max_items, user_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local items, order = read_items(KEYS[1])
+local n = #order
+local outcomes = {}
+for i = 4, #ARGV, 4 do
+  local op, sku, q, c = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local it = items[sku]
+  local outcome = 'applied'
+  if op == 'clear' then
+    items, order, n = {}, {}, 0
+  elseif op == 'remove' then
+    if not it then
+      outcome = 'not-in-cart'
+    elseif q == 0 or it[1] <= q then
+      items[sku] = nil
+      n = n - 1
+    else
+      it[1] = it[1] - q
+    end
+  elseif op == 'add' then
+    local old_q, old_c = 0, 0
+    if it then old_q, old_c = it[1], it[2] end
+    local new_q = math.min(old_q + q, MAX_QTY)
+    if not it and n >= max_items then
+      outcome = 'cart-full'
+    elseif total_of(items) - old_q * old_c + new_q * c > MAX_TOTAL then
+      outcome = 'total-too-large'
+    else
+      if not it then
+        table.insert(order, sku)
+        n = n + 1
+      end
+      items[sku] = {new_q, c}
+      if new_q < old_q + q then outcome = 'qty-capped' end
+    end
+  end
+  table.insert(outcomes, outcome)
+end
+local qty, cents = write_cart(KEYS[1], items, order, ttl)
+if KEYS[2] then mirror(KEYS[1], KEYS[2], user_ttl) end
+local out = {tostring(qty), money(cents)}
+for _, o in ipairs(outcomes) do table.insert(out, o) end
+return out
+"""
+)
+
+# KEYS[1] = new session's cart, KEYS[2] = old session's cart, KEYS[3] = user copy
+# ARGV = ttl, max_items, user_ttl, take_old, take_user, keep_user_copy
+# User copy first, then the old (guest) cart: quantities of one sku add up (capped), the
+# guest's price wins as the more recent one. Returns {total_items, dropped items}.
+_MERGE = (
+    _LUA_COMMON
+    + """
+local ttl, max_items, user_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local items, order = read_items(KEYS[1])
+local dropped = 0
+local function absorb(key)
+  local more, more_order = read_items(key)
+  for _, sku in ipairs(more_order) do
+    local add, it = more[sku], items[sku]
+    local old_q, old_c = 0, 0
+    if it then old_q, old_c = it[1], it[2] end
+    local new_q = math.min(old_q + add[1], MAX_QTY)
+    if (not it and #order >= max_items)
+        or total_of(items) - old_q * old_c + new_q * add[2] > MAX_TOTAL then
+      dropped = dropped + 1
+    else
+      if not it then table.insert(order, sku) end
+      items[sku] = {new_q, add[2]}
+    end
+  end
+end
+if ARGV[5] == '1' then absorb(KEYS[3]) end
+if ARGV[4] == '1' then absorb(KEYS[2]) end
+local qty = write_cart(KEYS[1], items, order, ttl)
+if KEYS[2] ~= KEYS[1] then redis.call('DEL', KEYS[2]) end
+if ARGV[6] == '1' then mirror(KEYS[1], KEYS[3], user_ttl) end
+return {tostring(qty), dropped}
+"""
+)
+
+
+class CartConfig(PluginConfig):
+    ttl: int = Field(86400, gt=0, description="seconds a cart lives after its last change")
+    max_items: int = Field(100, gt=0, le=1000, description="distinct skus per cart")
+    persist_user_cart: bool = True
+    user_cart_ttl: int = Field(30 * 86400, gt=0)
+    contents_header: bool = False
+    max_contents_bytes: int = Field(2048, ge=64, le=65536)
+
+
+def _cents(price: str) -> int | None:
+    m = PRICE_RE.fullmatch(price)
+    if m is None:
+        return None
+    return int(m.group(1)) * 100 + int((m.group(2) or "0").ljust(2, "0"))
+
+
+def _qty(raw: str | None, default: int | None) -> int | None:
+    if raw is None:
+        return default
+    if not QTY_RE.fullmatch(raw):
+        return None
+    q = int(raw)
+    return q if 1 <= q <= MAX_QTY else None
+
+
+def encode(ins: CartInstruction) -> list[str | int] | None:
+    """One instruction as the script's four arguments, or None when it is malformed."""
+    p = ins.params
+    if ins.kind == "clear":
+        return ["clear", "", 0, 0]
+    sku = p.get("sku", "")
+    if not SKU_RE.fullmatch(sku):
+        return None
+    if ins.kind == "remove":
+        qty = _qty(p.get("qty"), 0)  # 0: remove the line whatever its quantity
+        return None if qty is None else ["remove", sku, qty, 0]
+    qty = _qty(p.get("qty"), 1)
+    cents = _cents(p.get("price", ""))
+    if qty is None or cents is None:
+        return None
+    return ["add", sku, qty, cents]
+
+
+def parse_cart(fields: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(sku, qty, price) of every item, by sku."""
+    out = []
+    for name, value in fields.items():
+        if name.startswith("item:"):
+            parts = value.split("|")
+            if len(parts) == 3:
+                out.append((parts[0], parts[1], parts[2].removeprefix("$")))
+    return sorted(out)
+
+
+class Cart(Plugin):
+    name = "cart"
+    Config = CartConfig
+    fault_policy = "open"
+
+    config: CartConfig
+
+    async def startup(self) -> None:
+        r = self.services.redis
+        self._apply = r.register_script(_APPLY)
+        self._merge = r.register_script(_MERGE)
+
+    def _user_key(self, user_id: str) -> str:
+        return f"{self.services.keys.prefix}user_cart:{user_id}"
+
+    # -- towards the backend ------------------------------------------------------------
+
+    async def request(self, ctx: RequestContext) -> web.StreamResponse | None:
+        s = ctx.session
+        if s is None or not ctx.redis_ok:
+            return None
+        fields: dict[str, str] = {}
+        if not s.new:  # a guest created by this very request has no cart yet
+            try:
+                async with asyncio.timeout(self.services.redis_timeout):
+                    fields = cast(
+                        dict[str, str],
+                        await self.services.redis.hgetall(self.services.keys.cart(s.key_id)),
+                    )
+            except REDIS_FAILURES as e:
+                CART_READ_ERRORS.inc()
+                log.warning("cart read failed: %s: %s", type(e).__name__, e)
+                return None
+        h = ctx.session_headers
+        h["X-Session-Cart-Items"] = fields.get("total_items", "0")
+        h["X-Session-Cart-Total"] = fields.get("total_value", "0.00")
+        if self.config.contents_header:
+            entries = [f"{sku}|{q}|{p}" for sku, q, p in parse_cart(fields)]
+            text, truncated = _bounded(entries, self.config.max_contents_bytes)
+            h["X-Session-Cart-Contents"] = text
+            if truncated:
+                h["X-Session-Cart-Truncated"] = "true"
+        return None
+
+    # -- from the backend -----------------------------------------------------------------
+
+    async def cart(self, ctx: RequestContext, instructions: list[CartInstruction]) -> None:
+        s = ctx.session
+        if s is None:
+            return
+        args: list[str | int] = [self.config.ttl, self.config.max_items, self.config.user_cart_ttl]
+        kinds: list[str] = []
+        for ins in instructions:
+            enc = encode(ins)
+            if enc is None:
+                CART_INSTRUCTIONS.labels(ins.kind, "malformed").inc()
+                log.warning("cart %s dropped: malformed %r", ins.kind, ins.params)
+                continue
+            args += enc
+            kinds.append(ins.kind)
+        if not kinds:
+            return
+        if s.new:
+            # A guest whose first request filled the cart: write the session now rather
+            # than at the next activity flush, so a login right after still finds it
+            # (and with it this cart).
+            async with asyncio.timeout(self.services.redis_timeout):
+                await self.services.store.create(s)
+        keys = [self.services.keys.cart(s.key_id)]
+        if self.config.persist_user_cart and s.user_id:
+            keys.append(self._user_key(s.user_id))
+        async with asyncio.timeout(self.services.redis_timeout):
+            res = cast(list[Any], await self._apply(keys=keys, args=args))
+        for kind, outcome in zip(kinds, res[2:], strict=True):
+            CART_INSTRUCTIONS.labels(kind, str(outcome)).inc()
+            if outcome != "applied":
+                log.warning("cart %s: %s", kind, outcome)
+
+    async def login(self, ctx: RequestContext, old: Session | None, new: Session) -> None:
+        uid = new.user_id or ""
+        persist = self.config.persist_user_cart and bool(uid)
+        # A guest cart (or this user's own, on a re-login) comes along; another user's
+        # cart must not: it stays in that user's copy and its session cart is dropped.
+        take_old = old is not None and (not old.authenticated or old.user_id == uid)
+        # The same user's session cart already contains their copy: adding it again
+        # would double every quantity.
+        take_user = persist and not (old is not None and old.user_id == uid)
+        new_key = self.services.keys.cart(new.key_id)
+        old_key = self.services.keys.cart(old.key_id) if old is not None else new_key
+        async with asyncio.timeout(self.services.redis_timeout):
+            res = cast(
+                list[Any],
+                await self._merge(
+                    keys=[new_key, old_key, self._user_key(uid)],
+                    args=[
+                        self.config.ttl,
+                        self.config.max_items,
+                        self.config.user_cart_ttl,
+                        int(take_old),
+                        int(take_user),
+                        int(persist),
+                    ],
+                ),
+            )
+        if int(res[1]):
+            CART_INSTRUCTIONS.labels("merge", "cart-full").inc(int(res[1]))
+            log.warning("cart merge at login dropped %s items (cart full)", res[1])
+
+    async def logout(self, ctx: RequestContext, sessions: list[str]) -> None:
+        # The user's copy stays: that is what brings the cart back at the next login.
+        if sessions:
+            async with asyncio.timeout(self.services.redis_timeout):
+                await self.services.redis.delete(*[self.services.keys.cart(k) for k in sessions])
+
+
+def _bounded(entries: list[str], limit: int) -> tuple[str, bool]:
+    """Entries joined by "," up to ``limit`` bytes; True when some were left out."""
+    out: list[str] = []
+    size = 0
+    for e in entries:
+        add = len(e.encode()) + (1 if out else 0)
+        if size + add > limit:
+            return ",".join(out), True
+        out.append(e)
+        size += add
+    return ",".join(out), False

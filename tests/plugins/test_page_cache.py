@@ -1,0 +1,248 @@
+"""The page cache through the gateway: hits, misses, stampedes, what must not be cached."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from ..conftest import GatewayFactory, Upstream, login
+
+ROUTES: list[dict[str, Any]] = [
+    {"path": "/login", "upstream": "app", "session": "optional", "instructions": ["login"]},
+    {"path": "/", "upstream": "app", "session": "optional", "guest": True},
+]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def cache_gateway(make_gateway: GatewayFactory, **opts: Any) -> TestClient:
+    opts.setdefault("paths", ["/products/"])
+    return await make_gateway(routes=ROUTES, plugins=[{"page_cache": opts}])
+
+
+def page(*headers: tuple[str, str], body: str = "", delay: float = 0.0) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if delay:
+            await asyncio.sleep(delay)
+        resp = web.Response(text=body or f"page {request.path_qs}")
+        for k, v in headers:
+            resp.headers[k] = v
+        return resp
+
+    return handler
+
+
+def fetches(upstream: Upstream, path: str) -> int:
+    return sum(1 for r in upstream.received if r.raw_path.split("?")[0] == path)
+
+
+async def get(gw: TestClient, path: str, **kw: Any) -> tuple[int, str, str | None, Any]:
+    resp = await gw.get(path, **kw)
+    return resp.status, await resp.text(), resp.headers.get("X-Cache"), resp.headers
+
+
+async def test_miss_then_hit(make_gateway: GatewayFactory, upstream: Upstream) -> None:
+    upstream.routes["/products/1"] = page(("X-Shop", "yes"), ("Content-Type", "text/html"),
+                                          body="<h1>one</h1>")
+    gw = await cache_gateway(make_gateway)
+    s1, b1, c1, h1 = await get(gw, "/products/1")
+    s2, b2, c2, h2 = await get(gw, "/products/1")
+    assert (s1, c1, s2, c2) == (200, "MISS", 200, "HIT")
+    assert b1 == b2 == "<h1>one</h1>"
+    assert h2["X-Shop"] == "yes" and h2["Content-Type"].startswith("text/html")
+    assert int(h2["Age"]) >= 0
+    assert h2["X-Request-Id"] != h1["X-Request-Id"]  # per request, never from the cache
+    assert fetches(upstream, "/products/1") == 1
+    # Query strings are part of the key; other paths are not cached at all.
+    assert (await get(gw, "/products/1?color=red"))[2] == "MISS"
+    assert (await get(gw, "/other"))[2] is None
+
+
+async def test_head_is_served_from_the_get_entry(
+    make_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = await cache_gateway(make_gateway)
+    await get(gw, "/products/h")
+    resp = await gw.head("/products/h")
+    assert resp.status == 200 and resp.headers["X-Cache"] == "HIT"
+    assert fetches(upstream, "/products/h") == 1
+
+
+async def test_stampede_makes_one_upstream_fetch(
+    make_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    upstream.routes["/products/hot"] = page(body="hot item", delay=0.2)
+    gw = await cache_gateway(make_gateway)
+    results = await asyncio.gather(*(get(gw, "/products/hot") for _ in range(50)))
+    assert fetches(upstream, "/products/hot") == 1
+    assert {(s, b) for s, b, _, _ in results} == {(200, "hot item")}
+    assert sorted(c or "" for _, _, c, _ in results) == ["HIT"] * 49 + ["MISS"]
+
+
+async def test_followers_go_upstream_when_the_leader_cannot_be_cached(
+    make_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    upstream.routes["/products/p"] = page(("Cache-Control", "private"), delay=0.1)
+    gw = await cache_gateway(make_gateway)
+    results = await asyncio.gather(*(get(gw, "/products/p") for _ in range(5)))
+    assert {(s, c) for s, _, c, _ in results} == {(200, "MISS")}
+    assert fetches(upstream, "/products/p") == 5
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Set-Cookie", "tracking=1; Path=/")],
+        [("Cache-Control", "private, max-age=60")],
+        [("Cache-Control", "no-store")],
+        [("Cache-Control", "no-cache")],
+        [("Cache-Control", "max-age=0")],
+        [("Vary", "*")],
+    ],
+)
+async def test_not_cached(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis,
+    headers: list[tuple[str, str]],
+) -> None:
+    upstream.routes["/products/x"] = page(*headers)
+    gw = await cache_gateway(make_gateway)
+    assert [(await get(gw, "/products/x"))[2] for _ in range(2)] == ["MISS", "MISS"]
+    assert fetches(upstream, "/products/x") == 2
+    assert rdb.keys("pagecache:*") == []
+
+
+async def test_errors_and_big_bodies_are_not_cached(
+    make_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    async def gone(request: web.Request) -> web.Response:
+        return web.Response(status=404, text="gone")
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)  # no Content-Length: the size is found while streaming
+        for _ in range(4):
+            await resp.write(b"x" * 400)
+        await resp.write_eof()
+        return resp
+
+    upstream.routes["/products/gone"] = gone
+    upstream.routes["/products/big"] = page(body="y" * 2000)
+    upstream.routes["/products/stream"] = chunked
+    gw = await cache_gateway(make_gateway, max_body_bytes=1000)
+    for path in ("/products/gone", "/products/big", "/products/stream"):
+        first = await gw.get(path)
+        body = await first.read()
+        assert (await gw.get(path)).headers["X-Cache"] == "MISS"
+        assert fetches(upstream, path) == 2
+    assert body == b"x" * 1600  # the client still got the whole body
+
+
+async def test_authenticated_sessions_bypass_unless_configured(
+    make_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = await cache_gateway(make_gateway)
+    await get(gw, "/products/a")  # cached by a guest
+    await login(gw, upstream, "5")
+    assert [(await get(gw, "/products/a"))[2] for _ in range(2)] == ["MISS", "MISS"]
+    assert [(await get(gw, "/products/b"))[2] for _ in range(2)] == ["MISS", "MISS"]
+    assert fetches(upstream, "/products/a") == 3
+
+
+async def test_cache_authenticated(make_gateway: GatewayFactory, upstream: Upstream) -> None:
+    gw = await cache_gateway(make_gateway, cache_authenticated=True)
+    await login(gw, upstream, "5")
+    assert [(await get(gw, "/products/a"))[2] for _ in range(2)] == ["MISS", "HIT"]
+
+
+async def test_a_hit_carries_the_visitors_new_session_cookie_only(
+    make_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = await cache_gateway(make_gateway)
+    first = await gw.get("/products/c")
+    assert "sid" in first.cookies  # a new guest, cookie set by the gateway
+    gw.session.cookie_jar.clear()
+    hit = await gw.get("/products/c")
+    assert hit.headers["X-Cache"] == "HIT"
+    cookies = hit.headers.getall("Set-Cookie")
+    assert len(cookies) == 1 and cookies[0].startswith("sid=")
+    assert hit.cookies["sid"].value != first.cookies["sid"].value
+
+
+async def test_vary(make_gateway: GatewayFactory, upstream: Upstream) -> None:
+    async def by_language(request: web.Request) -> web.Response:
+        lang = request.headers.get("Accept-Language", "none")
+        return web.Response(text=f"in {lang}", headers={"Vary": "Accept-Language"})
+
+    upstream.routes["/products/v"] = by_language
+    gw = await cache_gateway(make_gateway)
+    en, de = {"Accept-Language": "en"}, {"Accept-Language": "de"}
+    assert (await get(gw, "/products/v", headers=en))[1:3] == ("in en", "MISS")
+    assert (await get(gw, "/products/v", headers=de))[1:3] == ("in de", "MISS")
+    assert (await get(gw, "/products/v", headers=en))[1:3] == ("in en", "HIT")
+    assert (await get(gw, "/products/v", headers=de))[1:3] == ("in de", "HIT")
+    assert (await get(gw, "/products/v"))[1:3] == ("in none", "MISS")
+    assert fetches(upstream, "/products/v") == 3
+
+
+async def test_vary_followers_check_their_variant(
+    make_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.1)
+        lang = request.headers.get("Accept-Language", "none")
+        return web.Response(text=f"in {lang}", headers={"Vary": "Accept-Language"})
+
+    upstream.routes["/products/w"] = slow
+    gw = await cache_gateway(make_gateway)
+    results = await asyncio.gather(
+        get(gw, "/products/w", headers={"Accept-Language": "en"}),
+        get(gw, "/products/w", headers={"Accept-Language": "de"}),
+    )
+    assert [b for _, b, _, _ in results] == ["in en", "in de"]
+
+
+async def test_ttl_from_max_age_and_config(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    upstream.routes["/products/m"] = page(("Cache-Control", "public, max-age=30"))
+    upstream.routes["/products/s"] = page(("Cache-Control", "max-age=30, s-maxage=7"))
+    upstream.routes["/products/l"] = page(("Cache-Control", "max-age=999999"))
+    gw = await cache_gateway(make_gateway, ttl=120, max_ttl=600)
+    ttls = {}
+    for p in ("/products/m", "/products/s", "/products/l", "/products/n"):
+        before = set(rdb.keys("pagecache:*"))
+        await get(gw, p)
+        assert (await get(gw, p))[2] == "HIT"
+        (key,) = [k for k in set(rdb.keys("pagecache:*")) - before if ":vary:" not in k]
+        ttls[p] = rdb.ttl(key)
+    assert 25 < ttls["/products/m"] <= 30
+    assert 2 < ttls["/products/s"] <= 7
+    assert 595 < ttls["/products/l"] <= 600
+    assert 115 < ttls["/products/n"] <= 120
+
+
+async def test_only_top_items(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    rdb.zadd("viewed:ranking", {"best": 100, "good": 50, "meh": 1})
+    gw = await cache_gateway(make_gateway, only_top=2)
+    for item, want in (("best", "HIT"), ("good", "HIT"), ("meh", "MISS"), ("new", "MISS")):
+        await get(gw, f"/products/{item}")
+        assert (await get(gw, f"/products/{item}"))[2] == want, item
+
+
+async def test_redis_down_passes_through(
+    make_gateway: GatewayFactory, upstream: Upstream, redis_server: Any
+) -> None:
+    gw = await make_gateway(
+        routes=[{"path": "/", "upstream": "app", "session": "none"}],
+        plugins=[{"page_cache": {"paths": ["/products/"]}}],
+    )
+    redis_server.kill()
+    results = [await get(gw, "/products/z") for _ in range(2)]
+    assert [(s, c) for s, _, c, _ in results] == [(200, "MISS"), (200, "MISS")]

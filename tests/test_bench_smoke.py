@@ -1,0 +1,43 @@
+"""`python -m bench --smoke` end to end: every scenario runs and the results are written.
+
+Performance targets are never asserted here (this machine is shared and small); only that
+the harness works. Skipped only when wrk is missing and cannot be installed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.procs import ensure_system_package
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_bench_smoke(tmp_path: Path) -> None:
+    why = ensure_system_package("wrk", "wrk")
+    if why:
+        pytest.skip(f"wrk is needed for the benchmark and could not be installed: {why}")
+    out = tmp_path / "results"
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+            cwd=ROOT, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"bench --smoke took over 180 s:\n{(e.stdout or b'')[-3000:]!r}")
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    data = json.loads((out / "latest.json").read_text())
+    for key in "abcde":
+        scenario = data["scenarios"].get(key, {})
+        assert scenario.get("requests", 0) > 0, f"scenario {key}: {scenario}"
+        assert data["fixed_rate"][key]["requests"] > 0
+    assert data["load_6k"]["requests"] > 0
+    assert data["memory"]["sessions"] == 2_000
+    assert (out / "latest.md").read_text().startswith("# Session Gateway benchmark")
+    assert (out / "latest.png").stat().st_size > 0
