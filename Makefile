@@ -23,7 +23,6 @@ system-deps:
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway plugins tests bench examples
-	$(BIN)/ruff format --check gateway plugins || true
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
