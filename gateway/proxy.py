@@ -582,10 +582,12 @@ class Gateway:
             metrics.INSTRUCTIONS.labels("logout", "applied").inc()
             return
         await self.activity.discard(self.store.keys.session(s.key_id))
-        await self._call_redis("logout", self.store.logout(s, everywhere))
+        deleted: list[str] = await self._call_redis(  # type: ignore[assignment]
+            "logout", self.store.logout(s, everywhere)
+        )
         metrics.INSTRUCTIONS.labels("logout", "applied").inc()
         for p in plugins:
-            await self.chain.guarded(p, "logout", lambda p=p: p.logout(ctx, [s.key_id]))  # type: ignore[misc]
+            await self.chain.guarded(p, "logout", lambda p=p: p.logout(ctx, deleted))  # type: ignore[misc]
         log.info("logout%s session=%s", " everywhere" if everywhere else "", s.id[:12])
 
     # -- cookies -------------------------------------------------------------------------

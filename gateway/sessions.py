@@ -188,8 +188,8 @@ class SessionStore:
         await self.redis.eval(_HSET_IF_EXISTS, 1, key, *[x for kv in fields.items() for x in kv])
         session.fields.update(fields)
 
-    async def logout(self, session: Session, everywhere: bool) -> int:
-        """Delete this session, or every session of its user; returns how many."""
+    async def logout(self, session: Session, everywhere: bool) -> list[str]:
+        """Delete this session, or every session of its user; returns the key ids."""
         key = self.keys.session(session.key_id)
         uid = session.user_id
         if not everywhere or not uid:
@@ -197,8 +197,8 @@ class SessionStore:
                 pipe.delete(key)
                 if uid:
                     pipe.srem(self.keys.user_sessions(uid), session.key_id)
-                res = await pipe.execute()
-            return int(res[0])
+                await pipe.execute()
+            return [session.key_id]
         user_set = self.keys.user_sessions(uid)
         members = cast(set[str], await self.redis.smembers(user_set))
         members.add(session.key_id)
@@ -206,8 +206,8 @@ class SessionStore:
             for m in members:
                 pipe.delete(self.keys.session(m))
             pipe.delete(user_set)
-            res = await pipe.execute()
-        return sum(int(r) for r in res[:-1])
+            await pipe.execute()
+        return sorted(members)
 
 
 _HSET_IF_EXISTS = """

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -87,6 +89,10 @@ class RateLimit(Plugin):
             ipaddress.ip_network(n, strict=False) for n in self.services.settings.trusted_proxies
         ]
         self._policy = f"{self.config.limit};w={_seconds(self.config.window)}"
+        # Log members must be unique per request: not the X-Request-Id, which a client
+        # may choose (repeating it would collapse entries and undercount).
+        self._nonce = secrets.token_hex(4)
+        self._seq = itertools.count()
 
     def client_key(self, ctx: RequestContext) -> str:
         s = ctx.session
@@ -118,6 +124,7 @@ class RateLimit(Plugin):
 
     async def request(self, ctx: RequestContext) -> web.StreamResponse | None:
         cfg = self.config
+        member = f"{self._nonce}{next(self._seq)}"
         try:
             if not ctx.redis_ok:
                 raise ConnectionError("redis failed earlier in this request")
@@ -126,7 +133,7 @@ class RateLimit(Plugin):
                     list[int],
                     await self._script(
                         keys=[self.client_key(ctx)],
-                        args=[cfg.limit, math.ceil(cfg.window * 1000), ctx.request_id],
+                        args=[cfg.limit, math.ceil(cfg.window * 1000), member],
                     ),
                 )
         except REDIS_FAILURES as e:

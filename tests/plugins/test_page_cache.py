@@ -246,3 +246,25 @@ async def test_redis_down_passes_through(
     redis_server.kill()
     results = [await get(gw, "/products/z") for _ in range(2)]
     assert [(s, c) for s, _, c, _ in results] == [(200, "MISS"), (200, "MISS")]
+
+
+async def test_waiting_misses_are_released_when_the_leader_fails(
+    make_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    calls = 0
+
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.1)
+        if calls <= 2:  # the leader's upstream dies before answering (and on the
+            assert request.transport is not None  # client's one automatic retry)
+            request.transport.close()
+        return web.Response(text="ok", headers={"Cache-Control": "private"})
+
+    upstream.routes["/products/f"] = flaky
+    gw = await cache_gateway(make_gateway, wait_timeout=30)
+    started = asyncio.get_running_loop().time()
+    results = await asyncio.gather(*(get(gw, "/products/f") for _ in range(5)))
+    assert sorted(s for s, _, _, _ in results) == [200, 200, 200, 200, 502]
+    assert asyncio.get_running_loop().time() - started < 5  # not the 30 s wait_timeout

@@ -141,3 +141,12 @@ async def test_keys_expire(make_gateway: GatewayFactory, rdb: redis.Redis) -> No
     await gw.get("/p")
     keys = await wait_for(lambda: rdb.keys("ratelimit:*"))
     assert 0 < rdb.pttl(keys[0]) <= 10_000  # type: ignore[operator]
+
+
+async def test_client_chosen_request_ids_do_not_collapse_entries(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = await limited(make_gateway, per="address", limit=5, window=60)
+    same = {"X-Request-Id": "same-request-id-1"}
+    results = await asyncio.gather(*(gw.get("/p", headers=same) for _ in range(10)))
+    assert sorted(r.status for r in results) == [200] * 5 + [429] * 5
