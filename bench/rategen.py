@@ -6,7 +6,7 @@ was actually written, so a stall in the system under test shows up in the percen
 instead of silently lowering the rate (no coordinated omission). The generator's own
 lateness (dispatch - schedule) is reported too, so a saturated generator is visible.
 
-Run as `python -m bench.rategen --url U --path P --rate R --duration S --cookies FILE`;
+Run as `python -m bench.rategen --url URL --rate R --duration S --cookies FILE`;
 prints one JSON object.
 """
 
@@ -74,10 +74,9 @@ async def generate(
                 t.add_done_callback(tasks.discard)
                 k += 1
             wait = t0 + k / rate - clock()
-            # The event loop's timers have ~1 ms resolution; sleep coarse, then yield
-            # until the slot, so sends aren't systematically up to 1 ms late. The
-            # generator has a CPU of its own when pinned, so spinning costs nothing.
-            await asyncio.sleep(wait - 0.0015 if wait > 0.002 else 0)
+            # Timers have ~1 ms resolution, so sends go out in 1 ms batches; spinning to
+            # be more exact made the generator's own jitter worse, not better.
+            await asyncio.sleep(max(0.0, wait))
         sent_done = clock()
         if tasks:
             await asyncio.wait(tasks, timeout=15)

@@ -16,7 +16,7 @@ import importlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .sessions import Keys, Session, SessionStore
 
 log = logging.getLogger("gateway.plugin")
+T = TypeVar("T")
 
 BUILTIN = {
     "cart": "plugins.cart",
@@ -152,15 +153,15 @@ class Chain:
         return [p for p in self.plugins if p.name not in route.disable_plugins]
 
     async def guarded(
-        self, plugin: Plugin, hook: str, call: Callable[[], Awaitable[Any]]
-    ) -> tuple[bool, Any]:
+        self, plugin: Plugin, hook: Callable[..., Awaitable[T]], *args: Any
+    ) -> tuple[bool, T | None]:
         """Run one hook; (ok, result). ok is False when it raised and the plugin's policy
         is closed."""
         try:
-            return True, await call()
+            return True, await hook(*args)
         except Exception:
             metrics.PLUGIN_ERRORS.labels(plugin.name).inc()
-            log.exception("plugin %s: %s hook raised", plugin.name, hook)
+            log.exception("plugin %s: %s hook raised", plugin.name, hook.__name__)
             return plugin.fault_policy == "open", None
 
 

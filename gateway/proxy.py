@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from redis.exceptions import RedisError
-from yarl import URL
 
 from . import metrics
 from .config import RouteSettings, Settings
@@ -26,46 +25,35 @@ from .headers import (
     connection_tokens,
     encode_value,
     header_name_for,
-    is_session_header,
     normalized,
     parse_cookie_values,
-    parse_params,
     remove_cookie,
     set_cookie_name,
     strip_headers,
 )
+from .instructions import collect, dropped
 from .logs import request_id_var
 from .plugin import CartInstruction, Chain, Plugin, RequestContext, ResponseHead
+from .responses import text_response
 from .routing import Router
-from .sessions import RESERVED_FIELDS, Session, SessionStore, valid_token
-from .upstream import Upstream
+from .sessions import RESERVED_FIELDS, SessionStore, valid_token
+from .upstream import Upstream, upstream_url
+from .websocket import is_websocket, proxy_websocket
 
 if TYPE_CHECKING:
     from .activity import ActivityWriter
 
 log = logging.getLogger("gateway.proxy")
+T = TypeVar("T")
 
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 CHUNK = 64 * 1024
 MAX_PAGE = 512  # bytes of current_page kept per session
-INSTRUCTION_HEADERS = {
-    "x-session-login": "login",
-    "x-session-set": "set",
-    "x-session-logout": "logout",
-    "x-session-cart-add": "cart",
-    "x-session-cart-remove": "cart",
-    "x-session-cart-clear": "cart",
-}
 _HOST_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]")
 
 
 class RedisUnavailable(Exception):
     """Redis did not answer within its timeout."""
-
-
-def _text(status: int, body: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, text=body + "\n", headers=headers)
 
 
 class Gateway:
@@ -107,11 +95,11 @@ class Gateway:
         try:
             bad = self._malformed(request)
             if bad:
-                resp: web.StreamResponse = _text(400, f"bad request: {bad}")
+                resp: web.StreamResponse = text_response(400, f"bad request: {bad}")
             else:
                 route = self.router.match(request.path, request.method, request.host)
                 if route is None:
-                    resp = _text(404, "no route")
+                    resp = text_response(404, "no route")
                 else:
                     resp = await self._handle_route(request, route, rid)
         except web.HTTPException:
@@ -124,7 +112,7 @@ class Gateway:
             resp = web.Response(status=499)
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)
-            resp = _text(500, "gateway error")
+            resp = text_response(500, "gateway error")
         if not resp.prepared:
             resp.headers.setdefault("X-Request-Id", rid)
         metrics.REQUESTS.labels(route.path if route else "-", f"{resp.status // 100}xx").inc()
@@ -170,9 +158,9 @@ class Gateway:
         plugins = self.chain.for_route(route)
         answer: web.StreamResponse | None = None
         for p in plugins:
-            ok, result = await self.chain.guarded(p, "request", lambda p=p: p.request(ctx))  # type: ignore[misc]
+            ok, result = await self.chain.guarded(p, p.request, ctx)
             if not ok:
-                return _text(503, "service unavailable", {"Retry-After": "5"})
+                return text_response(503, "service unavailable", {"Retry-After": "5"})
             if result is not None:
                 answer = result
                 break
@@ -180,25 +168,24 @@ class Gateway:
         if answer is not None:
             return await self._answer_directly(ctx, plugins, answer, set_cookies)
 
-        if _is_websocket(request):
-            if route.websocket:
-                return await self._websocket(ctx)
+        if route.websocket and is_websocket(request):
+            return await proxy_websocket(self, ctx)
 
         upstream = self.upstreams[route.upstream]
-        headers = self._upstream_headers(ctx)
+        headers = self.upstream_headers(ctx)
         try:
             upstream_resp = await self._send(request, upstream, headers, route.upstream)
-        except _UpstreamFailure as f:
-            return _text(f.status, f.message)
+        except UpstreamFailure as f:
+            return text_response(f.status, f.message)
         try:
             return await self._respond(ctx, plugins, upstream_resp, set_cookies)
         finally:
             upstream_resp.release()
 
-    async def _call_redis(self, op: str, coro: object) -> object:
+    async def _call_redis(self, op: str, aw: Awaitable[T]) -> T:
         try:
             async with asyncio.timeout(self.redis_timeout):
-                return await coro  # type: ignore[misc]
+                return await aw
         except REDIS_FAILURES as e:
             metrics.REDIS_ERRORS.labels(op).inc()
             log.warning("redis %s failed: %s: %s", op, type(e).__name__, e)
@@ -215,11 +202,11 @@ class Gateway:
         stale = bool(values)
         if token is not None:
             try:
-                ctx.session = await self._call_redis("load", self.store.load(token))  # type: ignore[assignment]
+                ctx.session = await self._call_redis("load", self.store.load(token))
             except RedisUnavailable:
                 ctx.redis_ok = False
                 if route.on_redis_error == "closed":
-                    return _text(503, "session store unavailable", {"Retry-After": "5"})
+                    return text_response(503, "session store unavailable", {"Retry-After": "5"})
                 return None
             stale = ctx.session is None
         if ctx.session is None and route.guest and ctx.redis_ok:
@@ -231,7 +218,7 @@ class Gateway:
             except RedisUnavailable:
                 ctx.redis_ok = False
                 if route.on_redis_error == "closed":
-                    return _text(503, "session store unavailable", {"Retry-After": "5"})
+                    return text_response(503, "session store unavailable", {"Retry-After": "5"})
             else:
                 ctx.session = guest
                 set_cookies.append(self._cookie(guest.token))
@@ -256,7 +243,7 @@ class Gateway:
                 headers={"Location": f"{route.login_url}{sep}next={quote(nxt, safe='')}"},
             )
         else:
-            resp = _text(401, "login required")
+            resp = text_response(401, "login required")
         for c in set_cookies:
             resp.headers.add("Set-Cookie", c)
         return resp
@@ -272,7 +259,7 @@ class Gateway:
             return False
         return any(addr in n for n in self._trusted)
 
-    def _upstream_headers(self, ctx: RequestContext) -> CIMultiDict[str]:
+    def upstream_headers(self, ctx: RequestContext) -> CIMultiDict[str]:
         request = ctx.request
         headers = strip_headers(
             request.headers,
@@ -328,11 +315,10 @@ class Gateway:
         headers: CIMultiDict[str],
         name: str,
     ) -> aiohttp.ClientResponse:
-        body = _body(request) if request.body_exists else None
-        retry_ok = request.method in IDEMPOTENT and body is None
+        body = _Body(request) if request.body_exists else None
         last_error = ""
         for server in upstream.candidates():
-            url = _target(server, request)
+            url = upstream_url(server, request)
             try:
                 resp = await self.client.request(
                     request.method,
@@ -344,29 +330,28 @@ class Gateway:
                     auto_decompress=False,
                 )
             except aiohttp.ClientConnectorError as e:
-                # Nothing was sent: safe to move on for an idempotent request, and for
-                # any request whose body has not been touched yet.
+                # The connection was refused, so the request never left: the next
+                # server may take it, whatever the method, as long as no byte of the
+                # client's body has been consumed.
                 upstream.eject(server)
                 metrics.UPSTREAM_ERRORS.labels("connect").inc()
                 last_error = str(e)
-                if retry_ok or body is None or not getattr(body, "started", True):
+                if body is None or not body.started:
                     continue
-                raise _UpstreamFailure(
-                    502, "bad gateway: upstream refused the connection"
-                ) from None
+                raise UpstreamFailure(502, "bad gateway: upstream refused the connection") from None
             except (TimeoutError, aiohttp.ServerTimeoutError):
                 metrics.UPSTREAM_ERRORS.labels("timeout").inc()
-                raise _UpstreamFailure(
+                raise UpstreamFailure(
                     504, "gateway timeout: upstream did not answer in time"
                 ) from None
             except aiohttp.ClientError as e:
                 metrics.UPSTREAM_ERRORS.labels("protocol").inc()
                 log.warning("upstream %s %s: %s: %s", name, server, type(e).__name__, e)
-                raise _UpstreamFailure(502, "bad gateway: invalid upstream response") from None
+                raise UpstreamFailure(502, "bad gateway: invalid upstream response") from None
             upstream.restore(server)
             return resp
         log.warning("upstream %s: no server accepted the connection (%s)", name, last_error)
-        raise _UpstreamFailure(502, "bad gateway: upstream refused the connection")
+        raise UpstreamFailure(502, "bad gateway: upstream refused the connection")
 
     # -- back towards the client ---------------------------------------------------------
 
@@ -381,7 +366,7 @@ class Gateway:
         try:
             await self._apply_instructions(ctx, upstream_resp.headers, plugins, set_cookies)
         except RedisUnavailable:
-            return _text(503, "session store unavailable; try again", {"Retry-After": "5"})
+            return text_response(503, "session store unavailable; try again", {"Retry-After": "5"})
         headers = strip_headers(upstream_resp.headers)
         backend_cookies = headers.getall("Set-Cookie", ())
         if any(set_cookie_name(v) == self.cookie.name for v in backend_cookies):
@@ -390,17 +375,17 @@ class Gateway:
             for v in backend_cookies:
                 if set_cookie_name(v) != self.cookie.name:
                     headers.add("Set-Cookie", v)
-            _dropped("set-cookie", "gateway-cookie")
+            dropped("set-cookie", "gateway-cookie")
         for c in set_cookies:
             headers.add("Set-Cookie", c)
         headers["X-Request-Id"] = ctx.request_id
         head = ResponseHead(upstream_resp.status, headers, from_upstream=True)
         ctx.response = head
         for p in plugins:
-            ok, _ = await self.chain.guarded(p, "response", lambda p=p: p.response(ctx, head))  # type: ignore[misc]
+            ok, _ = await self.chain.guarded(p, p.response, ctx, head)
             if not ok:
-                return _text(503, "service unavailable", {"Retry-After": "5"})
-        self._record_activity(ctx)
+                return text_response(503, "service unavailable", {"Retry-After": "5"})
+        self.record_activity(ctx)
         resp = web.StreamResponse(status=head.status, reason=upstream_resp.reason)
         resp.headers.update(head.headers)
         if "Content-Length" in head.headers:
@@ -440,17 +425,17 @@ class Gateway:
             head = ResponseHead(answer.status, CIMultiDict(answer.headers), from_upstream=False)
             ctx.response = head
             for p in plugins:
-                ok, _ = await self.chain.guarded(p, "response", lambda p=p: p.response(ctx, head))  # type: ignore[misc]
+                ok, _ = await self.chain.guarded(p, p.response, ctx, head)
                 if not ok:
-                    return _text(503, "service unavailable", {"Retry-After": "5"})
+                    return text_response(503, "service unavailable", {"Retry-After": "5"})
             answer.set_status(head.status)
             answer.headers.clear()
             answer.headers.update(head.headers)
-        self._record_activity(ctx)
+        self.record_activity(ctx)
         self._completed(ctx, plugins)
         return answer
 
-    def _record_activity(self, ctx: RequestContext) -> None:
+    def record_activity(self, ctx: RequestContext) -> None:
         s = ctx.session
         # A login wrote the new session's activity fields itself: this request belongs
         # to the session it replaced.
@@ -466,7 +451,7 @@ class Gateway:
             if type(p).complete is Plugin.complete:
                 continue
             task = asyncio.create_task(
-                self.chain.guarded(p, "complete", lambda p=p: p.complete(ctx)),  # type: ignore[misc]
+                self.chain.guarded(p, p.complete, ctx),
                 name=f"complete-{p.name}",
             )
             self._background.add(task)
@@ -485,32 +470,9 @@ class Gateway:
         plugins: list[Plugin],
         set_cookies: list[str],
     ) -> None:
-        found: dict[str, list[str]] = {}
-        for name, value in resp_headers.items():
-            if is_session_header(name):
-                found.setdefault(normalized(name), []).append(value)
-        if not found:
+        parsed = collect(resp_headers, ctx.route.instructions)
+        if not parsed:
             return
-        allowed = ctx.route.instructions
-        parsed: dict[str, dict[str, str]] = {}
-        for name, values in found.items():
-            kind = INSTRUCTION_HEADERS.get(name)
-            label = name.removeprefix("x-session-")
-            if kind is None:
-                _dropped(label, "unknown")
-                continue
-            if kind not in allowed:
-                _dropped(label, "not-allowed")
-                continue
-            if len(values) != 1:
-                _dropped(label, "duplicated")
-                continue
-            params = _parse_instruction(name, values[0])
-            if params is None:
-                _dropped(label, "malformed")
-                continue
-            parsed[name] = params
-
         if "x-session-logout" in parsed:
             await self._logout(ctx, plugins, parsed["x-session-logout"], set_cookies)
         if "x-session-login" in parsed:
@@ -524,10 +486,10 @@ class Gateway:
         ]
         if cart:
             if ctx.session is None:
-                _dropped("cart", "no-session")
+                dropped("cart", "no-session")
             else:
                 for p in plugins:
-                    await self.chain.guarded(p, "cart", lambda p=p: p.cart(ctx, cart))  # type: ignore[misc]
+                    await self.chain.guarded(p, p.cart, ctx, cart)
                 metrics.INSTRUCTIONS.labels("cart", "applied").inc(len(cart))
 
     async def _login(
@@ -538,17 +500,17 @@ class Gateway:
         set_cookies: list[str],
     ) -> None:
         if not fields.get("user_id"):
-            _dropped("login", "malformed")
+            dropped("login", "malformed")
             return
         fields = {k: v for k, v in fields.items() if k not in RESERVED_FIELDS or k == "user_id"}
         old = ctx.session
         if old is not None:
             await self.activity.discard(self.store.keys.session(old.key_id))
-        new: Session = await self._call_redis("login", self.store.login(old, fields))  # type: ignore[assignment]
+        new = await self._call_redis("login", self.store.login(old, fields))
         for p in plugins:
             # The session exists now; a plugin that cannot move its state is logged
             # rather than turning a completed login into an error.
-            await self.chain.guarded(p, "login", lambda p=p: p.login(ctx, old, new))  # type: ignore[misc]
+            await self.chain.guarded(p, p.login, ctx, old, new)
         ctx.rotated_from = old
         ctx.logged_in = True
         ctx.session = new
@@ -561,7 +523,7 @@ class Gateway:
         s = ctx.session
         clean = {k: v for k, v in fields.items() if k not in RESERVED_FIELDS}
         if s is None or not clean:
-            _dropped("set", "no-session" if s is None else "reserved")
+            dropped("set", "no-session" if s is None else "reserved")
             return
         await self._call_redis("set", self.store.update(s, clean))
         metrics.INSTRUCTIONS.labels("set", "applied").inc()
@@ -582,12 +544,10 @@ class Gateway:
             metrics.INSTRUCTIONS.labels("logout", "applied").inc()
             return
         await self.activity.discard(self.store.keys.session(s.key_id))
-        deleted: list[str] = await self._call_redis(  # type: ignore[assignment]
-            "logout", self.store.logout(s, everywhere)
-        )
+        deleted = await self._call_redis("logout", self.store.logout(s, everywhere))
         metrics.INSTRUCTIONS.labels("logout", "applied").inc()
         for p in plugins:
-            await self.chain.guarded(p, "logout", lambda p=p: p.logout(ctx, deleted))  # type: ignore[misc]
+            await self.chain.guarded(p, p.logout, ctx, deleted)
         log.info("logout%s session=%s", " everywhere" if everywhere else "", s.id[:12])
 
     # -- cookies -------------------------------------------------------------------------
@@ -616,75 +576,8 @@ class Gateway:
             + self._cookie_attrs()
         )
 
-    # -- WebSocket -----------------------------------------------------------------------
 
-    async def _websocket(self, ctx: RequestContext) -> web.StreamResponse:
-        request = ctx.request
-        upstream = self.upstreams[ctx.route.upstream]
-        headers = self._upstream_headers(ctx)
-        for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions"):
-            headers.popall(h, None)
-        protocols = [
-            p.strip()
-            for p in ",".join(headers.popall("Sec-WebSocket-Protocol", [])).split(",")
-            if p.strip()
-        ]
-        upstream_ws: aiohttp.ClientWebSocketResponse | None = None
-        for server in upstream.candidates():
-            url = _target(server, request)
-            try:
-                upstream_ws = await self.client.ws_connect(
-                    url,
-                    headers=headers,
-                    protocols=protocols,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
-                    autoping=True,
-                )
-                break
-            except aiohttp.ClientConnectorError:
-                upstream.eject(server)
-                continue
-            except aiohttp.WSServerHandshakeError as e:
-                return _text(502, f"bad gateway: upstream refused the WebSocket ({e.status})")
-            except (aiohttp.ClientError, TimeoutError):
-                return _text(504, "gateway timeout: upstream WebSocket handshake")
-        if upstream_ws is None:
-            return _text(502, "bad gateway: upstream refused the connection")
-        self._record_activity(ctx)
-        client_ws = web.WebSocketResponse(
-            protocols=[upstream_ws.protocol] if upstream_ws.protocol else ()
-        )
-        await client_ws.prepare(request)
-
-        async def pump(
-            src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-            dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-        ) -> None:
-            async for msg in src:
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    await dst.send_str(msg.data)
-                elif msg.type == aiohttp.WSMsgType.BINARY:
-                    await dst.send_bytes(msg.data)
-                else:
-                    break
-            await dst.close()
-
-        async with upstream_ws:
-            tasks = [
-                asyncio.create_task(pump(client_ws, upstream_ws)),
-                asyncio.create_task(pump(upstream_ws, client_ws)),
-            ]
-            _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for t in pending:
-                t.cancel()
-            for t in pending:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
-        await client_ws.close()
-        return client_ws
-
-
-class _UpstreamFailure(Exception):
+class UpstreamFailure(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -708,42 +601,3 @@ class _Body:
         if not chunk:
             raise StopAsyncIteration
         return chunk
-
-
-def _body(request: web.Request) -> _Body:
-    return _Body(request)
-
-
-def _target(server: URL, request: web.Request) -> URL:
-    """The upstream URL: the server plus the request's path and query, byte for byte.
-
-    SECURITY: concatenated, never ``server.join(...)``: an absolute-form target
-    (``GET http://evil/ HTTP/1.1``) or a path starting with ``//`` would otherwise pick
-    the host the gateway connects to.
-    """
-    raw = request.raw_path
-    if not raw.startswith("/"):
-        raw = request.rel_url.raw_path_qs
-    return URL(f"{server}{raw}", encoded=True)
-
-
-def _is_websocket(request: web.Request) -> bool:
-    return (
-        request.headers.get("Upgrade", "").lower() == "websocket"
-        and "upgrade" in request.headers.get("Connection", "").lower()
-    )
-
-
-def _parse_instruction(name: str, value: str) -> dict[str, str] | None:
-    value = value.strip()
-    if name == "x-session-logout":
-        v = value.lower()
-        return {v: "1"} if v in ("this", "all") else None
-    if name == "x-session-cart-clear":
-        return {"clear": "1"} if value in ("1", "true", "yes") else None
-    return parse_params(value)
-
-
-def _dropped(instruction: str, why: str) -> None:
-    metrics.INSTRUCTIONS.labels(instruction, why).inc()
-    log.warning("instruction X-Session-%s dropped: %s", instruction.title(), why)

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Iterator
 
+from aiohttp import web
 from yarl import URL
 
 from . import metrics
@@ -59,3 +60,16 @@ class Upstream:
         i = self.servers.index(server)
         if self._ejected_until[i]:
             self._ejected_until[i] = 0.0
+
+
+def upstream_url(server: URL, request: web.Request) -> URL:
+    """The upstream URL: the server plus the request's path and query, byte for byte.
+
+    SECURITY: concatenated, never ``server.join(...)``: an absolute-form target
+    (``GET http://evil/ HTTP/1.1``) or a path starting with ``//`` would otherwise pick
+    the host the gateway connects to.
+    """
+    raw = request.raw_path
+    if not raw.startswith("/"):
+        raw = request.rel_url.raw_path_qs
+    return URL(f"{server}{raw}", encoded=True)
