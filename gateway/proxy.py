@@ -47,6 +47,7 @@ log = logging.getLogger("gateway.proxy")
 T = TypeVar("T")
 
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 CHUNK = 64 * 1024
 MAX_PAGE = 512  # bytes of current_page kept per session
 _HOST_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]")
@@ -339,6 +340,15 @@ class Gateway:
                 if body is None or not body.started:
                     continue
                 raise UpstreamFailure(502, "bad gateway: upstream refused the connection") from None
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                # Sent, but the server dropped the connection without an answer. Only an
+                # idempotent request without a body may be tried again elsewhere.
+                metrics.UPSTREAM_ERRORS.labels("disconnect").inc()
+                last_error = str(e)
+                if request.method in IDEMPOTENT and body is None:
+                    log.warning("upstream %s %s dropped the connection; retrying", name, server)
+                    continue
+                raise UpstreamFailure(502, "bad gateway: upstream closed the connection") from None
             except (TimeoutError, aiohttp.ServerTimeoutError):
                 metrics.UPSTREAM_ERRORS.labels("timeout").inc()
                 raise UpstreamFailure(
@@ -350,8 +360,8 @@ class Gateway:
                 raise UpstreamFailure(502, "bad gateway: invalid upstream response") from None
             upstream.restore(server)
             return resp
-        log.warning("upstream %s: no server accepted the connection (%s)", name, last_error)
-        raise UpstreamFailure(502, "bad gateway: upstream refused the connection")
+        log.warning("upstream %s: no server answered (%s)", name, last_error)
+        raise UpstreamFailure(502, "bad gateway: no upstream server answered")
 
     # -- back towards the client ---------------------------------------------------------
 

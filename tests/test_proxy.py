@@ -330,3 +330,26 @@ async def test_websocket_refused_on_routes_without_it(gw: TestClient, upstream: 
             pass
     # The upgrade headers were stripped: the backend saw a plain GET.
     assert upstream.last.header("Upgrade") is None
+
+
+async def test_idempotent_request_retried_when_a_server_drops_it(
+    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream
+) -> None:
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()  # read the request, answer nothing
+
+    dropper = await asyncio.start_server(drop, "127.0.0.1", 0)
+    port = dropper.sockets[0].getsockname()[1]
+    cfg = base_config(redis_server.url, upstream.url)
+    cfg["upstreams"]["app"]["servers"] = [f"http://127.0.0.1:{port}", upstream.url]
+    client = await make_gateway(cfg)
+    try:
+        for _ in range(4):  # whichever server's turn it is, GET succeeds
+            assert (await client.get("/static/g")).status == 200
+        # A POST that reached the dropping server is not replayed: 502 on its turn.
+        statuses = {(await client.post("/static/p", data=b"x")).status for _ in range(4)}
+        assert statuses == {200, 502}
+    finally:
+        dropper.close()
+        await dropper.wait_closed()
