@@ -70,7 +70,8 @@ class Plan:
         else:
             p = cls(False, 10, 64, 1_000, 1_000, 10, 6_000, 60, 128, 100_000, 32, 5, 1, 100)
         over = {k: v for k, v in (("duration", a.duration), ("connections", a.connections),
-                                  ("sessions", a.sessions)) if v is not None}  # fmt: skip
+                                  ("sessions", a.sessions), ("load_duration", a.load_duration),
+                                  ("load_rate", a.load_rate)) if v is not None}  # fmt: skip
         return cls(**{**p.__dict__, **over})
 
 
@@ -210,6 +211,9 @@ async def run(a: argparse.Namespace) -> int:
         "wrk competes with the servers for CPU unless pinned",
         "workers: a = 1 aiohttp process (uvloop); b = nginx worker_processes 1 (+ master); "
         "c = 1 aiohttp process; d/e = the gateway's process tree as counted during the run",
+        "backend, proxy and Redis share the server CPU(s), so each proxied request also "
+        "costs context switches between those processes; the machine may be shared with "
+        "other work, which adds noise",
         "errors = non-2xx/3xx responses + socket errors (connect/read/write/timeout)",
         "Redis commands/request = INFO commandstats delta (INFO itself excluded), after "
         "waiting for write-behind to go quiet, divided by wrk's completed requests",
@@ -382,6 +386,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, help="seconds per max-rate scenario")
     ap.add_argument("--connections", type=int, help="wrk connections")
     ap.add_argument("--sessions", type=int, help="session cookies to rotate")
+    ap.add_argument("--load-duration", type=float, help="seconds of the load test (60)")
+    ap.add_argument("--load-rate", type=int, help="req/s of the load test (6000)")
     ap.add_argument("--no-pin", action="store_true", help="don't pin with taskset")
     sys.exit(uvloop.run(run(ap.parse_args())))
 

@@ -40,16 +40,13 @@ local n = 0
 for i = 2, #KEYS do
   local k = KEYS[i]
   local b = 2 + (i - 2) * 4
-  if redis.call('EXISTS', k) == 1 then
-    local ttl = math.min(idle, math.floor(tonumber(ARGV[b + 4]) - now))
-    if ttl <= 0 then
-      redis.call('DEL', k)
-    else
-      redis.call('HSET', k, 'last_activity', ARGV[b + 1], 'current_page', ARGV[b + 2])
-      redis.call('HINCRBY', k, 'page_views', ARGV[b + 3])
-      redis.call('EXPIRE', k, ttl)
-      n = n + 1
-    end
+  local ttl = math.min(idle, math.floor(tonumber(ARGV[b + 4]) - now))
+  -- EXPIRE doubles as the existence check (0 for a missing key): three commands per
+  -- session, and a key past its absolute deadline is removed by a non-positive TTL.
+  if redis.call('EXPIRE', k, ttl) == 1 and ttl > 0 then
+    redis.call('HSET', k, 'last_activity', ARGV[b + 1], 'current_page', ARGV[b + 2])
+    redis.call('HINCRBY', k, 'page_views', ARGV[b + 3])
+    n = n + 1
   end
 end
 return n

@@ -68,7 +68,7 @@ async def _core_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = app[REDIS]
     keys = Keys(settings.session.key_prefix, raw_tokens=settings.session.raw_token_keys)
-    store = SessionStore(redis, settings.session, keys)
+    store = SessionStore(redis, settings.session, keys, settings.redis.timeout)
     activity = ActivityWriter(
         redis, settings.activity, settings.session.idle_ttl, settings.session.key_prefix
     )

@@ -16,8 +16,11 @@ MAX_BATCH = 256
 
 
 class BatchedReader:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, timeout: float) -> None:
         self.redis = redis
+        # One timer per batch rather than one per request; every waiter of a batch that
+        # runs out of time gets the TimeoutError.
+        self.timeout = timeout
         self._queue: list[tuple[str, asyncio.Future[dict[str, str]]]] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -41,13 +44,14 @@ class BatchedReader:
 
     async def _run(self, batch: list[tuple[str, asyncio.Future[dict[str, str]]]]) -> None:
         try:
-            if len(batch) == 1:
-                results: list[Any] = [await self.redis.hgetall(batch[0][0])]
-            else:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for key, _ in batch:
-                        pipe.hgetall(key)
-                    results = await pipe.execute()
+            async with asyncio.timeout(self.timeout):
+                if len(batch) == 1:
+                    results: list[Any] = [await self.redis.hgetall(batch[0][0])]
+                else:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for key, _ in batch:
+                            pipe.hgetall(key)
+                        results = await pipe.execute()
         except BaseException as e:
             for _, fut in batch:
                 if not fut.done():

@@ -6,6 +6,7 @@ use to forge one is removed before they are added (step 3 and 6 of the request p
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import quote, unquote
@@ -34,6 +35,7 @@ SESSION_PREFIX = "x-session-"
 GATEWAY_REQUEST_HEADERS = frozenset(
     h.lower() for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Request-Id")
 )
+_PLAIN_VALUE = re.compile(r"[\x21-\x24\x26-\x7e]*")  # visible ASCII except %
 _VISIBLE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 FIELD_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{8,128}")
@@ -84,6 +86,7 @@ def strip_headers(
     return out
 
 
+@functools.lru_cache(maxsize=4096)
 def header_name_for(field: str) -> str:
     """``user_id`` → ``X-Session-User-Id``."""
     return "X-Session-" + "-".join(p.capitalize() for p in field.split("_"))
@@ -92,7 +95,7 @@ def header_name_for(field: str) -> str:
 def encode_value(value: str) -> str:
     """Percent-encode anything outside visible ASCII, and ``%`` itself, so a stored value
     can never split or add a header and a backend may always percent-decode."""
-    if all(0x21 <= ord(c) <= 0x7E and c != "%" for c in value):
+    if _PLAIN_VALUE.fullmatch(value):
         return value
     return quote(value, safe=_VISIBLE)
 

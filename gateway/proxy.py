@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote
@@ -49,8 +50,19 @@ T = TypeVar("T")
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 CHUNK = 64 * 1024
+SMALL_BODY = 64 * 1024  # read whole and sent with the headers; larger bodies stream
 MAX_PAGE = 512  # bytes of current_page kept per session
 _HOST_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]")
+
+
+# Unique, not secret: a per-process random prefix and a counter cost no syscall per
+# request (uuid4 reads os.urandom every time).
+_RID_PREFIX = secrets.token_hex(8)
+_rid_counter = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    return f"{_RID_PREFIX}{next(_rid_counter):016x}"
 
 
 class RedisUnavailable(Exception):
@@ -88,9 +100,8 @@ class Gateway:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        rid = request.headers.get("X-Request-Id", "")
-        if len(request.headers.getall("X-Request-Id", ())) != 1 or not REQUEST_ID_RE.fullmatch(rid):
-            rid = uuid.uuid4().hex
+        rids = request.headers.getall("X-Request-Id", ())
+        rid = rids[0] if len(rids) == 1 and REQUEST_ID_RE.fullmatch(rids[0]) else _new_request_id()
         request_id_var.set(rid)
         route: RouteSettings | None = None
         try:
@@ -183,8 +194,12 @@ class Gateway:
         finally:
             upstream_resp.release()
 
-    async def _call_redis(self, op: str, aw: Awaitable[T]) -> T:
+    async def _call_redis(self, op: str, aw: Awaitable[T], *, bounded: bool = True) -> T:
+        """Await a Redis operation within redis.timeout (``bounded=False``: the operation
+        enforces it itself), turning every failure into RedisUnavailable."""
         try:
+            if not bounded:
+                return await aw
             async with asyncio.timeout(self.redis_timeout):
                 return await aw
         except REDIS_FAILURES as e:
@@ -203,7 +218,7 @@ class Gateway:
         stale = bool(values)
         if token is not None:
             try:
-                ctx.session = await self._call_redis("load", self.store.load(token))
+                ctx.session = await self._call_redis("load", self.store.load(token), bounded=False)
             except RedisUnavailable:
                 ctx.redis_ok = False
                 if route.on_redis_error == "closed":
@@ -396,6 +411,14 @@ class Gateway:
             if not ok:
                 return text_response(503, "service unavailable", {"Retry-After": "5"})
         self.record_activity(ctx)
+        length = upstream_resp.content_length
+        if (
+            length is not None
+            and length <= SMALL_BODY
+            and request.method != "HEAD"
+            and head.status not in (204, 304)
+        ):
+            return await self._respond_small(ctx, plugins, upstream_resp, head)
         resp = web.StreamResponse(status=head.status, reason=upstream_resp.reason)
         resp.headers.update(head.headers)
         if "Content-Length" in head.headers:
@@ -419,6 +442,33 @@ class Gateway:
         await resp.write_eof()
         if ctx.body_tap is not None:
             ctx.body_tap(None)
+        self._completed(ctx, plugins)
+        return resp
+
+    async def _respond_small(
+        self,
+        ctx: RequestContext,
+        plugins: list[Plugin],
+        upstream_resp: aiohttp.ClientResponse,
+        head: ResponseHead,
+    ) -> web.StreamResponse:
+        """A body of known, small size is read first and sent with the headers in one
+        write: a third fewer syscalls per typical page, and an upstream that fails while
+        sending it still gets a clean 502 instead of a cut connection."""
+        try:
+            body = await upstream_resp.read()
+        except (aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError, TimeoutError) as e:
+            log.warning("upstream body failed: %s", e)
+            metrics.UPSTREAM_ERRORS.labels("body").inc()
+            return text_response(502, "bad gateway: incomplete upstream response")
+        resp = web.Response(
+            status=head.status, reason=upstream_resp.reason, body=body, headers=head.headers
+        )
+        if ctx.body_tap is not None:
+            ctx.body_tap(body)
+            ctx.body_tap(None)
+        await resp.prepare(ctx.request)
+        await resp.write_eof()
         self._completed(ctx, plugins)
         return resp
 

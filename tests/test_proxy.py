@@ -271,23 +271,33 @@ async def test_round_robin_ejection_and_retry(
             await runner.cleanup()
 
 
-async def test_upstream_closing_mid_body_cuts_the_client(
-    gw: TestClient, upstream: Upstream
+@pytest.mark.parametrize(("declared", "sent"), [(1000, 100), (4 << 20, 256 << 10)])
+async def test_upstream_closing_mid_body(
+    gw: TestClient, upstream: Upstream, declared: int, sent: int
 ) -> None:
+    """A small body is read before anything is sent, so a failure is a clean 502; a
+    large one is already streaming, so the client's connection is cut (never a silently
+    short response)."""
+
     async def broken(request: web.Request) -> web.StreamResponse:
         r = web.StreamResponse()
-        r.content_length = 1000
+        r.content_length = declared
         await r.prepare(request)
-        await r.write(b"x" * 100)
+        await r.write(b"x" * sent)
         assert request.transport is not None
         request.transport.close()
         return r
 
+    broken.streaming = True  # type: ignore[attr-defined]
     upstream.routes["/static/broken"] = broken
     resp = await gw.get("/static/broken")
-    assert resp.status == 200
-    with pytest.raises(aiohttp.ClientPayloadError):
-        await resp.read()
+    if declared <= 64 * 1024:
+        assert resp.status == 502
+        assert "incomplete" in await resp.text()
+    else:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
 
 
 # -- WebSocket ----------------------------------------------------------------------------
