@@ -26,10 +26,19 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--check", action="store_true", help="validate the config and exit")
     ap.add_argument("--log-format", choices=("text", "json"), default=None)
     ap.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=None)
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes sharing the port (SO_REUSEPORT); overrides `workers:`",
+    )
+    # Set by the supervisor for its children; not for direct use.
+    ap.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--redis-url", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, worker: int | None = None) -> None:
     app = build_app(settings)
     runner = web.AppRunner(
         app,
@@ -44,12 +53,11 @@ async def serve(settings: Settings) -> None:
     except (RedisError, OSError, TimeoutError) as e:
         log.warning("redis not reachable at start (%s); routes follow on_redis_error", e)
     host, port = split_host_port(settings.listen)
-    site = web.TCPSite(
-        runner, host, port, backlog=1024, reuse_port=bool(os.environ.get("GATEWAY_REUSE_PORT"))
-    )
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=worker is not None)
     await site.start()
     admin_runner: web.AppRunner | None = None
-    if settings.admin.listen:
+    # With several workers only the first serves /healthz and /metrics (its own counters).
+    if settings.admin.listen and not worker:
         admin_runner = web.AppRunner(build_admin_app(app), handle_signals=False, access_log=None)
         await admin_runner.setup()
         ahost, aport = split_host_port(settings.admin.listen)
@@ -59,7 +67,8 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("gateway listening on %s (pid %d)", settings.listen, os.getpid())
+    who = f"worker {worker}, " if worker is not None else ""
+    log.info("gateway listening on %s (%spid %d)", settings.listen, who, os.getpid())
     await stop.wait()
     log.info("stopping: draining in-flight requests (up to %.0fs)", settings.shutdown_timeout)
     if admin_runner is not None:
@@ -82,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: ok")
         return 0
     logs.setup(args.log_format or settings.logging.format, args.log_level or settings.logging.level)
+    if args.redis_url:
+        settings = settings.model_copy(
+            update={"redis": settings.redis.model_copy(update={"url": args.redis_url})}
+        )
+    workers = args.workers if args.workers is not None else settings.workers
+    if workers > 1 and args.worker_index is None:
+        from .workers import supervise
+
+        return supervise(settings, workers, list(argv if argv is not None else sys.argv[1:]))
     try:
         import uvloop
 
@@ -89,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; this is for odd platforms
         runner = asyncio.run  # type: ignore[assignment]
     try:
-        runner(serve(settings))
+        runner(serve(settings, args.worker_index))
     except KeyboardInterrupt:
         pass
     except Exception as e:

@@ -211,6 +211,8 @@ class Settings(_Frozen):
     plugins: tuple[dict[str, Any], ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     shutdown_timeout: float = Field(15.0, gt=0)
+    # Processes sharing the listen port (SO_REUSEPORT); one event loop each.
+    workers: int = Field(1, ge=1, le=64)
     max_request_header_size: int = Field(16384, gt=0)
     logging: LoggingSettings = LoggingSettings()
     admin: AdminSettings = AdminSettings()

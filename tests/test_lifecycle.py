@@ -93,3 +93,50 @@ def test_json_logs_one_line_per_event_with_request_id(
         assert login and login[0]["request_id"] == "req-12345678"
 
     asyncio.run(scenario())
+
+
+def test_workers_share_the_port_and_all_flush_on_sigterm(
+    gateway_process: Any, redis_server: RedisServer
+) -> None:
+    import redis as redis_sync
+
+    async def scenario() -> None:
+        pids: set[str] = set()
+
+        async def backend(request: web.Request) -> web.Response:
+            r = web.Response(text="ok")
+            if request.path == "/login":
+                r.headers["X-Session-Login"] = "user_id=77"
+            return r
+
+        app = web.Application()
+        app.router.add_route("*", "/{t:.*}", backend)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        cfg = base_config(redis_server.url, f"http://127.0.0.1:{port}")
+        cfg["workers"] = 2
+        cfg["activity"] = {"flush_interval": 5}
+        gp = await asyncio.to_thread(gateway_process, cfg)
+        await asyncio.sleep(1.0)  # both workers listening
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gp.url + "/login") as resp:
+                token = resp.cookies["sid"].value
+            for i in range(40):
+                # A new connection each time, so the kernel spreads them over workers.
+                async with aiohttp.ClientSession() as one:
+                    async with one.get(gp.url + f"/w/{i}", cookies={"sid": token}) as resp:
+                        assert resp.status == 200
+                        pids.add(resp.headers.get("X-Request-Id", "")[:16])
+        assert len(pids) == 2, "both workers should have answered (request id prefixes)"
+        gp.proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.to_thread(gp.proc.wait, 30)
+        await runner.cleanup()
+        assert rc == 0, gp.log()
+        from gateway.sessions import public_id
+
+        r = redis_sync.Redis(port=redis_server.port, decode_responses=True)
+        assert r.hget(f"session:{public_id(token)}", "page_views") == "40", gp.log()
+
+    asyncio.run(scenario())

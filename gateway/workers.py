@@ -1,0 +1,87 @@
+"""Several worker processes on one port.
+
+The gateway keeps no state between requests beyond a write-behind buffer per process, so
+scaling out on one host is N identical processes sharing the listen socket through
+SO_REUSEPORT (the kernel spreads connections). The supervisor starts them, forwards
+SIGTERM/SIGINT, waits for each to drain and flush, and owns the embedded Redis if there
+is one, so it outlives every worker's final flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from .config import Settings
+
+log = logging.getLogger("gateway.workers")
+
+
+async def _supervise(settings: Settings, argv: list[str], workers: int) -> int:
+    embedded = None
+    url = settings.redis.url
+    if url == "embedded":
+        from .embedded import EmbeddedRedis
+
+        embedded = EmbeddedRedis(Path(settings.redis.data_dir))
+        url = await embedded.start()
+        log.info("embedded redis-server started at %s", url)
+    children: list[asyncio.subprocess.Process] = []
+    try:
+        for i in range(workers):
+            children.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    *argv,
+                    "--worker-index",
+                    str(i),
+                    "--redis-url",
+                    url,
+                )
+            )
+        loop = asyncio.get_running_loop()
+
+        def forward(sig: signal.Signals) -> None:
+            for c in children:
+                if c.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        c.send_signal(sig)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, forward, sig)
+        log.info("supervising %d workers", workers)
+        codes = await asyncio.gather(*(c.wait() for c in children))
+    finally:
+        for c in children:
+            if c.returncode is None:
+                c.kill()
+                await c.wait()
+        if embedded is not None:
+            await embedded.stop()
+    bad = [(i, code) for i, code in enumerate(codes) if code != 0]
+    for i, code in bad:
+        log.error("worker %d exited with status %d", i, code)
+    return 1 if bad else 0
+
+
+def supervise(settings: Settings, workers: int, argv: list[str]) -> int:
+    # The children re-read the same file; --workers is dropped so they don't recurse.
+    clean: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--workers":
+            skip = True
+            continue
+        if a.startswith("--workers="):
+            continue
+        clean.append(a)
+    return asyncio.run(_supervise(settings, clean, workers))
