@@ -27,6 +27,7 @@ from .config import ActivitySettings
 
 log = logging.getLogger("gateway.activity")
 
+_SENT = metrics.REDIS_COMMANDS.labels("activity")
 BATCH = 500  # sessions per script call: bounds one call's argument list and run time
 
 # KEYS[1] = batch marker, KEYS[2..] = session hashes
@@ -183,6 +184,7 @@ class ActivityWriter:
         helper, whose pipeline support adds a SCRIPT EXISTS round trip to every flush."""
         for attempt in (1, 2):
             try:
+                _SENT.inc(len(batches))
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for b in batches:
                         keys, args = self._encode(b)

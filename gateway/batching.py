@@ -12,7 +12,10 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from . import metrics
+
 MAX_BATCH = 256
+_SENT = metrics.REDIS_COMMANDS.labels("session_read")
 
 
 class BatchedReader:
@@ -43,6 +46,7 @@ class BatchedReader:
             task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: list[tuple[str, asyncio.Future[dict[str, str]]]]) -> None:
+        _SENT.inc(len(batch))
         try:
             async with asyncio.timeout(self.timeout):
                 if len(batch) == 1:

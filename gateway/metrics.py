@@ -8,6 +8,11 @@ from prometheus_client import Counter, Gauge, Histogram
 REQUESTS = Counter("gateway_requests_total", "Requests answered", ["route", "status_class"])
 UPSTREAM_ERRORS = Counter("gateway_upstream_errors_total", "Upstream failures", ["kind"])
 UPSTREAM_EJECTIONS = Counter("gateway_upstream_ejections_total", "Servers ejected", ["server"])
+REDIS_COMMANDS = Counter(
+    "gateway_redis_commands_total",
+    "Commands sent to Redis on the request and activity paths (a script call counts once)",
+    ["op"],
+)
 REDIS_ERRORS = Counter("gateway_redis_errors_total", "Redis calls that failed", ["op"])
 INSTRUCTIONS = Counter(
     "gateway_instructions_total", "Backend instruction headers", ["instruction", "outcome"]

@@ -15,9 +15,11 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from . import metrics
 from .batching import BatchedReader
 from .config import SessionSettings
 
+_WRITES = metrics.REDIS_COMMANDS.labels("session_write")
 TOKEN_BYTES = 32  # 256 bits from secrets; the format check below knows its length
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 # Fields the gateway owns: a backend's X-Session-Set cannot forge them (user_id changes
@@ -170,6 +172,7 @@ class SessionStore:
             pipe.sadd(user_set, session.key_id)
             # The index lives as long as the newest session could.
             pipe.expire(user_set, self.settings.absolute_ttl)
+            _WRITES.inc(len(pipe.command_stack))
             await pipe.execute()
         return session
 
@@ -179,11 +182,13 @@ class SessionStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=cast(Any, session.fields))
             pipe.expire(key, self.settings.idle_ttl)
+            _WRITES.inc(len(pipe.command_stack))
             await pipe.execute()
 
     async def update(self, session: Session, fields: dict[str, str]) -> None:
         key = self.keys.session(session.key_id)
         # Only an existing hash is updated: a Set racing a logout must not resurrect it.
+        _WRITES.inc()
         await self.redis.eval(_HSET_IF_EXISTS, 1, key, *[x for kv in fields.items() for x in kv])
         session.fields.update(fields)
 
@@ -196,15 +201,18 @@ class SessionStore:
                 pipe.delete(key)
                 if uid:
                     pipe.srem(self.keys.user_sessions(uid), session.key_id)
+                _WRITES.inc(len(pipe.command_stack))
                 await pipe.execute()
             return [session.key_id]
         user_set = self.keys.user_sessions(uid)
+        _WRITES.inc()
         members = cast(set[str], await self.redis.smembers(user_set))
         members.add(session.key_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             for m in members:
                 pipe.delete(self.keys.session(m))
             pipe.delete(user_set)
+            _WRITES.inc(len(pipe.command_stack))
             await pipe.execute()
         return sorted(members)
 
