@@ -186,6 +186,31 @@ async def upstream() -> AsyncIterator[Upstream]:
     await up.server.close()
 
 
+BASE_ROUTES: list[dict[str, Any]] = [
+    {"path": "/static/", "upstream": "app", "session": "none"},
+    {"path": "/account/", "upstream": "app", "session": "required"},
+    {"path": "/members/", "upstream": "app", "session": "required", "login_url": "/login"},
+    {
+        "path": "/closed/",
+        "upstream": "app",
+        "session": "optional",
+        "on_redis_error": "closed",
+    },
+    {
+        "path": "/login",
+        "upstream": "app",
+        "session": "optional",
+        "instructions": ["login", "set"],
+    },
+    {
+        "path": "/",
+        "upstream": "app",
+        "session": "optional",
+        "instructions": ["set", "logout", "cart"],
+    },
+]
+
+
 def base_config(redis_url: str, upstream_url: str, **over: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "listen": "127.0.0.1:0",
@@ -197,29 +222,7 @@ def base_config(redis_url: str, upstream_url: str, **over: Any) -> dict[str, Any
         },
         "activity": {"flush_interval": 0.05},
         "upstreams": {"app": {"servers": [upstream_url], "connect_timeout": 2, "read_timeout": 5}},
-        "routes": [
-            {"path": "/static/", "upstream": "app", "session": "none"},
-            {"path": "/account/", "upstream": "app", "session": "required"},
-            {"path": "/members/", "upstream": "app", "session": "required", "login_url": "/login"},
-            {
-                "path": "/closed/",
-                "upstream": "app",
-                "session": "optional",
-                "on_redis_error": "closed",
-            },
-            {
-                "path": "/login",
-                "upstream": "app",
-                "session": "optional",
-                "instructions": ["login", "set"],
-            },
-            {
-                "path": "/",
-                "upstream": "app",
-                "session": "optional",
-                "instructions": ["set", "logout", "cart"],
-            },
-        ],
+        "routes": [dict(r) for r in BASE_ROUTES],
     }
     for k, v in over.items():
         cfg[k] = v
@@ -350,3 +353,15 @@ async def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
 
 def status_of(raw: bytes) -> int:
     return int(raw.split(b" ", 2)[1])
+
+
+async def start_backend(handler: Handler) -> tuple[web.AppRunner, str]:
+    """A plain aiohttp backend on a free port answering every path with ``handler``
+    (for tests that run the gateway as a separate process)."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"

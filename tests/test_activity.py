@@ -17,7 +17,7 @@ from gateway.activity import ActivityWriter
 from gateway.config import ActivitySettings
 from gateway.sessions import public_id
 
-from .conftest import RedisServer, Upstream, base_config, login, wait_for
+from .conftest import RedisServer, Upstream, base_config, login, start_backend, wait_for
 
 
 def _key(token: str) -> str:
@@ -144,15 +144,8 @@ def test_sigterm_flushes_buffered_activity(
                 r.headers["X-Session-Login"] = "user_id=5"
             return r
 
-        app = web.Application()
-        app.router.add_route("*", "/{t:.*}", backend)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        from .conftest import free_port
-
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        cfg = base_config(redis_server.url, f"http://127.0.0.1:{port}")
+        runner, url = await start_backend(backend)
+        cfg = base_config(redis_server.url, url)
         cfg["activity"] = {"flush_interval": 5}  # nothing flushes before the signal
         gp = await asyncio.to_thread(gateway_process, cfg)
         async with aiohttp.ClientSession() as s:

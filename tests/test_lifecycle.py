@@ -10,29 +10,30 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .conftest import RedisServer, base_config, free_port
+from .conftest import RedisServer, base_config, start_backend
 
 
-async def _backend(delay_path: str = "/slow") -> tuple[web.AppRunner, str]:
-    async def handler(request: web.Request) -> web.Response:
-        if request.path == delay_path:
-            await asyncio.sleep(1.0)
-        return web.Response(text="done " + request.path)
+async def _slow(request: web.Request) -> web.Response:
+    if request.path.endswith("/slow"):
+        await asyncio.sleep(1.0)
+    return web.Response(text="done " + request.path)
 
-    app = web.Application()
-    app.router.add_route("*", "/{t:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
+
+def _logs_in(user_id: str) -> Any:
+    async def backend(request: web.Request) -> web.Response:
+        r = web.Response(text="ok")
+        if request.path == "/login":
+            r.headers["X-Session-Login"] = f"user_id={user_id}"
+        return r
+
+    return backend
 
 
 def test_sigterm_lets_in_flight_requests_finish(
     gateway_process: Any, redis_server: RedisServer
 ) -> None:
     async def scenario() -> None:
-        runner, url = await _backend()
+        runner, url = await start_backend(_slow)
         gp = await asyncio.to_thread(gateway_process, base_config(redis_server.url, url))
         async with aiohttp.ClientSession() as s:
             slow = asyncio.create_task(s.get(gp.url + "/static/slow"))
@@ -60,18 +61,8 @@ def test_json_logs_one_line_per_event_with_request_id(
     gateway_process: Any, redis_server: RedisServer
 ) -> None:
     async def scenario() -> None:
-        async def backend(request: web.Request) -> web.Response:
-            r = web.Response(text="ok")
-            r.headers["X-Session-Login"] = "user_id=3"
-            return r
-
-        app = web.Application()
-        app.router.add_route("*", "/{t:.*}", backend)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        cfg = base_config(redis_server.url, f"http://127.0.0.1:{port}")
+        runner, url = await start_backend(_logs_in("3"))
+        cfg = base_config(redis_server.url, url)
         cfg["logging"] = {"format": "json"}
         gp = await asyncio.to_thread(gateway_process, cfg)
         async with aiohttp.ClientSession() as s:
@@ -103,19 +94,8 @@ def test_workers_share_the_port_and_all_flush_on_sigterm(
     async def scenario() -> None:
         pids: set[str] = set()
 
-        async def backend(request: web.Request) -> web.Response:
-            r = web.Response(text="ok")
-            if request.path == "/login":
-                r.headers["X-Session-Login"] = "user_id=77"
-            return r
-
-        app = web.Application()
-        app.router.add_route("*", "/{t:.*}", backend)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        cfg = base_config(redis_server.url, f"http://127.0.0.1:{port}")
+        runner, url = await start_backend(_logs_in("77"))
+        cfg = base_config(redis_server.url, url)
         cfg["workers"] = 2
         cfg["activity"] = {"flush_interval": 5}
         gp = await asyncio.to_thread(gateway_process, cfg)

@@ -13,7 +13,7 @@ import pytest
 import redis
 from aiohttp.test_utils import TestClient
 
-from .conftest import GatewayFactory, Upstream, login, raw_request, status_of, wait_for
+from .conftest import BASE_ROUTES, GatewayFactory, Upstream, login, raw_request, status_of, wait_for
 
 SHOP = {
     "path": "/shop/",
@@ -33,24 +33,7 @@ def skey(token: str) -> str:
 
 
 def routes_with(*extra: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        *extra,
-        {"path": "/static/", "upstream": "app", "session": "none"},
-        {"path": "/account/", "upstream": "app", "session": "required"},
-        {"path": "/members/", "upstream": "app", "session": "required", "login_url": "/login"},
-        {
-            "path": "/login",
-            "upstream": "app",
-            "session": "optional",
-            "instructions": ["login", "set"],
-        },
-        {
-            "path": "/",
-            "upstream": "app",
-            "session": "optional",
-            "instructions": ["set", "logout", "cart"],
-        },
-    ]
+    return [*extra, *BASE_ROUTES]
 
 
 def session_config(**over: Any) -> dict[str, Any]:
