@@ -1,4 +1,4 @@
-"""Scenarios d and e: the gateway's config and process.
+"""Scenarios d, e and f: the gateway's config and process.
 
 The gateway is being written alongside this harness; its config schema may gain keys,
 so everything the harness assumes about it lives in `gateway_config` below.
@@ -20,10 +20,23 @@ def gateway_config(
     redis_port: int,
     backend_port: int,
     instructions_all: list[str] | None = None,
+    *,
+    admin_port: int | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """config.yaml for the benchmark, following DESIGN.md's contract keys."""
+    """config.yaml for the benchmark, following DESIGN.md's contract keys.
+
+    `admin_port` adds the admin listener (/metrics, /healthz; with workers > 1 only
+    worker 0 serves it); `workers` > 1 runs that many processes on one port.
+    """
+    extra: dict[str, Any] = {}
+    if workers > 1:
+        extra["workers"] = workers
+    if admin_port is not None:
+        extra["admin"] = {"listen": f"127.0.0.1:{admin_port}"}
     return {
         "listen": f"127.0.0.1:{port}",
+        **extra,
         "redis": {"url": f"redis://127.0.0.1:{redis_port}/0"},
         "session": {
             "cookie": {"name": "sid", "secure": False},
@@ -69,11 +82,21 @@ def gateway_available(tmp: Path) -> str | None:
 
 
 def start_gateway(
-    children: Children, tmp: Path, pin: Pinning, name: str, cfg: dict[str, Any], port: int
+    children: Children,
+    tmp: Path,
+    pin: Pinning,
+    name: str,
+    cfg: dict[str, Any],
+    port: int,
+    *,
+    unpinned: bool = False,
 ) -> Child:
+    """Start the gateway on the server CPU set (worker processes inherit the affinity),
+    or with `unpinned` on every CPU (then it also competes with the load generator)."""
     path = write_config(tmp / f"{name}.yaml", cfg)
+    cpus = None if unpinned else pin.server_cpus
     child = children.start(
-        name, pin.wrap([PYTHON, "-m", "gateway", "--config", str(path)], pin.server_cpus), tmp
+        name, pin.wrap([PYTHON, "-m", "gateway", "--config", str(path)], cpus), tmp
     )
     wait_port(child, port, timeout=30)
     return child

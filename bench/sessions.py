@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,30 @@ def write_cookie_file(path: Path, cookies: list[str]) -> Path:
     return path
 
 
+# Commands the gateway sends at top level during a measured run: one HGETALL per session
+# lookup (pipelined in batches, each still its own command) and one EVALSHA per
+# write-behind batch. Neither is ever called from inside a script, so their commandstats
+# calls are exactly the commands the gateway sent. Everything else that Redis counts
+# while the gateway runs (SET NX once per batch; EXPIRE, HSET, HINCRBY per flushed
+# session) is executed inside the activity script.
+GATEWAY_TOP_LEVEL = ("hgetall", "evalsha")
+
+
+@dataclass
+class RedisDelta:
+    """What Redis did between two snapshots, without our own INFO calls."""
+
+    executed: int  # total_commands_processed delta: counts commands run inside scripts
+    by_cmd: dict[str, int]  # commandstats calls delta, per command (also in-script ones)
+
+    def sent(self, top_level: tuple[str, ...] | None) -> int:
+        """Commands a client sent: the given top-level commands' calls, or (None) every
+        command, for a client that uses no scripts (then sent == executed)."""
+        if top_level is None:
+            return sum(self.by_cmd.values())
+        return sum(self.by_cmd.get(c, 0) for c in top_level)
+
+
 class RedisCounter:
     """total_commands_processed and per-command calls, before/after a measurement."""
 
@@ -111,19 +136,37 @@ class RedisCounter:
                 return
             last = now
 
-    async def stop(self) -> tuple[int, dict[str, int]]:
-        _, cmds = await self._read()
-        # Our own INFO calls are commands too; leave them out of the system's count.
-        ours = {"info"}
+    async def stop(self) -> RedisDelta:
+        total, cmds = await self._read()
         delta = {
             k: v - self.before_cmds.get(k, 0)
             for k, v in cmds.items()
-            if k not in ours and v - self.before_cmds.get(k, 0) > 0
+            if v - self.before_cmds.get(k, 0) > 0
         }
-        return sum(delta.values()), delta
+        # Our own INFO calls are commands too; leave them out of the system's count. Each
+        # snapshot reads INFO stats then INFO commandstats, and neither counts itself, so
+        # both deltas cover the same number of INFO calls.
+        ours = delta.pop("info", 0)
+        return RedisDelta(total - self.before_total - ours, delta)
 
     async def close(self) -> None:
         await self.r.aclose()
+
+
+async def scrape_gateway_commands(admin_url: str) -> dict[str, float]:
+    """gateway_redis_commands_total per op from the gateway's admin /metrics."""
+    out: dict[str, float] = {}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(admin_url + "/metrics", timeout=aiohttp.ClientTimeout(total=5)) as resp,
+    ):
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith("gateway_redis_commands_total{"):
+            labels, _, value = line.rpartition(" ")
+            op = labels.split('op="', 1)[1].split('"', 1)[0]
+            out[op] = out.get(op, 0.0) + float(value)
+    return out
 
 
 async def memory_per_session(redis_url: str, n: int) -> dict[str, Any]:

@@ -34,7 +34,6 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     )
     # Set by the supervisor for its children; not for direct use.
     ap.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--redis-url", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -91,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: ok")
         return 0
     logs.setup(args.log_format or settings.logging.format, args.log_level or settings.logging.level)
-    if args.redis_url:
+    worker_redis = os.environ.get("GATEWAY_WORKER_REDIS_URL")
+    if args.worker_index is not None and worker_redis:
+        # The supervisor resolved redis.url (e.g. started the embedded server) once.
         settings = settings.model_copy(
-            update={"redis": settings.redis.model_copy(update={"url": args.redis_url})}
+            update={"redis": settings.redis.model_copy(update={"url": worker_redis})}
         )
     workers = args.workers if args.workers is not None else settings.workers
     if workers > 1 and args.worker_index is None:

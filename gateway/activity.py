@@ -82,7 +82,6 @@ class ActivityWriter:
         self.key_prefix = key_prefix
         self._pending: dict[str, Pending] = {}
         self._retry: list[Batch] = []
-        self._in_flight: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
@@ -116,16 +115,14 @@ class ActivityWriter:
             self._pending.pop(next(iter(self._pending)))
         metrics.ACTIVITY_DROPPED.inc()
 
-    async def discard(self, key: str) -> None:
-        """Forget buffered activity of a session that is being deleted or replaced, so a
-        later flush cannot recreate it; waits for a flush already on the wire."""
+    def discard(self, key: str) -> None:
+        """Forget buffered activity of a session that is being deleted or replaced. A
+        flush already on the wire cannot recreate it either: the script only touches
+        keys that still exist."""
         self._pending.pop(key, None)
         for b in self._retry:
             # Safe either way: if that batch was applied, the retry is skipped by its id.
             b.entries.pop(key, None)
-        if self._in_flight is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._in_flight)
 
     # -- background side ------------------------------------------------------------------
 
@@ -155,8 +152,6 @@ class ActivityWriter:
             metrics.ACTIVITY_PENDING.set(0)
             return True
         batches = list(self._retry)
-        loop = asyncio.get_running_loop()
-        self._in_flight = loop.create_future()
         try:
             async with asyncio.timeout(self.settings.flush_timeout * len(batches)):
                 await self._send(batches)
@@ -170,9 +165,15 @@ class ActivityWriter:
                 self.pending_count(),
             )
             return False
+        except Exception:
+            # Not a Redis outage but data Redis or the client refused (a bug): retrying
+            # would fail forever and block every later flush, so this batch is dropped.
+            log.exception("activity flush failed; dropping %d sessions' updates", len(batches))
+            metrics.ACTIVITY_DROPPED.inc(sum(len(b.entries) for b in batches))
+            done = set(map(id, batches))
+            self._retry = [b for b in self._retry if id(b) not in done]
+            return False
         finally:
-            self._in_flight.set_result(None)
-            self._in_flight = None
             metrics.ACTIVITY_PENDING.set(self.pending_count())
         done = set(map(id, batches))
         self._retry = [b for b in self._retry if id(b) not in done]

@@ -35,6 +35,23 @@ SESSION_PREFIX = "x-session-"
 GATEWAY_REQUEST_HEADERS = frozenset(
     h.lower() for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Request-Id")
 )
+# Headers frameworks trust as proxy-set (client address, scheme, host, or a path that
+# overrides the request line: Symfony and IIS read X-Original-URL). From a client they
+# are forgeries: Spring and Werkzeug prefer Forwarded over X-Forwarded-*.
+SPOOFABLE_REQUEST_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "Forwarded",
+        "X-Real-IP",
+        "X-Client-IP",
+        "X-Forwarded-Port",
+        "X-Forwarded-Prefix",
+        "X-Forwarded-Server",
+        "X-Forwarded-Ssl",
+        "X-Original-URL",
+        "X-Rewrite-URL",
+    )
+)
 _PLAIN_VALUE = re.compile(r"[\x21-\x24\x26-\x7e]*")  # visible ASCII except %
 _VISIBLE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 FIELD_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")

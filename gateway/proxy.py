@@ -23,6 +23,7 @@ from .headers import (
     FIELD_NAME_RE,
     GATEWAY_REQUEST_HEADERS,
     REQUEST_ID_RE,
+    SPOOFABLE_REQUEST_HEADERS,
     connection_tokens,
     encode_value,
     header_name_for,
@@ -52,6 +53,8 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # read whole and sent with the headers; larger bodies stream
 MAX_PAGE = 512  # bytes of current_page kept per session
+_STARTED = "gateway.response_started"
+_PAGE_SAFE = "/:@!$&'()*+,;=-._~"
 _HOST_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]")
 
 
@@ -90,8 +93,13 @@ class Gateway:
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
         self._background: set[asyncio.Task[tuple[bool, object]]] = set()
         self._timeouts = {
+            # connect= also bounds the wait for a free pooled connection, which would
+            # otherwise be unbounded when max_connections are all busy.
             n: aiohttp.ClientTimeout(
-                total=None, sock_connect=u.connect_timeout, sock_read=u.read_timeout
+                total=None,
+                connect=u.connect_timeout,
+                sock_connect=u.connect_timeout,
+                sock_read=u.read_timeout,
             )
             for n, u in settings.upstreams.items()
         }
@@ -124,6 +132,13 @@ class Gateway:
             resp = web.Response(status=499)
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)
+            started_resp: web.StreamResponse | None = request.get(_STARTED)
+            if started_resp is not None:
+                # Headers are out: a second response would land inside the body. Cut the
+                # connection so the client sees a truncated response.
+                if request.transport is not None:
+                    request.transport.close()
+                return started_resp
             resp = text_response(500, "gateway error")
         if not resp.prepared:
             resp.headers.setdefault("X-Request-Id", rid)
@@ -151,8 +166,9 @@ class Gateway:
         path = request.path
         if "/../" in path or path.endswith("/..") or "/./" in path or "\x00" in path:
             return "dot segments in path"
-        # Backends on Windows (IIS) read "\" as "/": "..\" is a dot segment to them.
-        if "..\\" in path or "\\.." in path:
+        # IIS reads "\\" as "/" and Tomcat drops ";params" from a segment, so "..\\" and
+        # "..;" are dot segments to them.
+        if "..\\" in path or "\\.." in path or "/..;" in path:
             return "dot segments in path"
         return None
 
@@ -172,7 +188,7 @@ class Gateway:
         for p in plugins:
             ok, result = await self.chain.guarded(p, p.request, ctx)
             if not ok:
-                return text_response(503, "service unavailable", {"Retry-After": "5"})
+                return _with_cookies(_unavailable(), set_cookies)
             if result is not None:
                 answer = result
                 break
@@ -188,7 +204,9 @@ class Gateway:
         try:
             upstream_resp = await self._send(request, upstream, headers, route.upstream)
         except UpstreamFailure as f:
-            return text_response(f.status, f.message)
+            # A guest created for this request keeps its cookie even though the backend
+            # failed; otherwise every retry would mint another guest.
+            return _with_cookies(text_response(f.status, f.message), set_cookies)
         try:
             return await self._respond(ctx, plugins, upstream_resp, set_cookies)
         finally:
@@ -279,7 +297,7 @@ class Gateway:
         request = ctx.request
         headers = strip_headers(
             request.headers,
-            drop=GATEWAY_REQUEST_HEADERS | {"host", "cookie"},
+            drop=GATEWAY_REQUEST_HEADERS | SPOOFABLE_REQUEST_HEADERS | {"host", "cookie"},
         )
         cookies = request.headers.getall("Cookie", ())
         if cookies and "cookie" not in connection_tokens(request.headers):
@@ -391,7 +409,10 @@ class Gateway:
         try:
             await self._apply_instructions(ctx, upstream_resp.headers, plugins, set_cookies)
         except RedisUnavailable:
-            return text_response(503, "session store unavailable; try again", {"Retry-After": "5"})
+            return _with_cookies(
+                text_response(503, "session store unavailable; try again", {"Retry-After": "5"}),
+                set_cookies,
+            )
         headers = strip_headers(upstream_resp.headers)
         backend_cookies = headers.getall("Set-Cookie", ())
         if any(set_cookie_name(v) == self.cookie.name for v in backend_cookies):
@@ -409,7 +430,7 @@ class Gateway:
         for p in plugins:
             ok, _ = await self.chain.guarded(p, p.response, ctx, head)
             if not ok:
-                return text_response(503, "service unavailable", {"Retry-After": "5"})
+                return _with_cookies(_unavailable(), set_cookies)
         self.record_activity(ctx)
         length = upstream_resp.content_length
         if (
@@ -423,6 +444,7 @@ class Gateway:
         resp.headers.update(head.headers)
         if "Content-Length" in head.headers:
             resp.content_length = int(head.headers["Content-Length"])
+        request[_STARTED] = resp
         await resp.prepare(request)
         if request.method != "HEAD" and head.status not in (204, 304):
             try:
@@ -487,7 +509,7 @@ class Gateway:
             for p in plugins:
                 ok, _ = await self.chain.guarded(p, p.response, ctx, head)
                 if not ok:
-                    return text_response(503, "service unavailable", {"Retry-After": "5"})
+                    return _with_cookies(_unavailable(), set_cookies)
             answer.set_status(head.status)
             answer.headers.clear()
             answer.headers.update(head.headers)
@@ -501,9 +523,10 @@ class Gateway:
         # to the session it replaced.
         if s is None or not ctx.redis_ok or ctx.logged_in:
             return
-        page = ctx.request.path
-        if len(page) > MAX_PAGE:
-            page = page[:MAX_PAGE]
+        # Percent-encoded ASCII: the decoded path may hold anything (lone surrogates
+        # from undecodable bytes under the pure-Python parser) and must not be able to
+        # break the activity flush for every other session.
+        page = quote(ctx.request.path, safe=_PAGE_SAFE, errors="surrogateescape")[:MAX_PAGE]
         self.activity.record(self.store.keys.session(s.key_id), page, s.deadline)
 
     def _completed(self, ctx: RequestContext, plugins: list[Plugin]) -> None:
@@ -565,7 +588,7 @@ class Gateway:
         fields = {k: v for k, v in fields.items() if k not in RESERVED_FIELDS or k == "user_id"}
         old = ctx.session
         if old is not None:
-            await self.activity.discard(self.store.keys.session(old.key_id))
+            self.activity.discard(self.store.keys.session(old.key_id))
         new = await self._call_redis("login", self.store.login(old, fields))
         for p in plugins:
             # The session exists now; a plugin that cannot move its state is logged
@@ -577,7 +600,7 @@ class Gateway:
         set_cookies[:] = [c for c in set_cookies if set_cookie_name(c) != self.cookie.name]
         set_cookies.append(self._cookie(new.token))
         metrics.INSTRUCTIONS.labels("login", "applied").inc()
-        log.info("login user_id=%s session=%s", new.user_id, new.id[:12])
+        log.info("login user_id=%r session=%s", new.user_id, new.id[:12])
 
     async def _set(self, ctx: RequestContext, fields: dict[str, str]) -> None:
         s = ctx.session
@@ -596,14 +619,14 @@ class Gateway:
         set_cookies: list[str],
     ) -> None:
         s = ctx.session
-        everywhere = "all" in params or params.get("scope") == "all"
+        everywhere = "all" in params
         set_cookies[:] = [c for c in set_cookies if set_cookie_name(c) != self.cookie.name]
         set_cookies.append(self._expired_cookie())
         ctx.session = None
         if s is None:
             metrics.INSTRUCTIONS.labels("logout", "applied").inc()
             return
-        await self.activity.discard(self.store.keys.session(s.key_id))
+        self.activity.discard(self.store.keys.session(s.key_id))
         deleted = await self._call_redis("logout", self.store.logout(s, everywhere))
         metrics.INSTRUCTIONS.labels("logout", "applied").inc()
         for p in plugins:
@@ -661,3 +684,15 @@ class _Body:
         if not chunk:
             raise StopAsyncIteration
         return chunk
+
+
+def _unavailable() -> web.Response:
+    return text_response(503, "service unavailable", {"Retry-After": "5"})
+
+
+def _with_cookies(resp: web.Response, set_cookies: list[str]) -> web.Response:
+    """An early answer still carries the cookies this request already decided on (a new
+    guest, or a login or logout that has been applied in Redis)."""
+    for c in set_cookies:
+        resp.headers.add("Set-Cookie", c)
+    return resp

@@ -76,7 +76,7 @@ class Session:
     id: str  # X-Session-Id: sha256 of the token, whatever the key layout
     fields: dict[str, str]
     deadline: float  # absolute expiry (epoch seconds)
-    new: bool = False  # created by this request (a guest): nothing is stored under it yet
+    new: bool = False  # a guest created by this request: it has no cart or history yet
     changed: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -104,7 +104,9 @@ class SessionStore:
             start = now
         return start + self.settings.absolute_ttl
 
-    def from_fields(self, token: str, fields: dict[str, str], now: float) -> Session | None:
+    def from_fields(
+        self, token: str, fields: dict[str, str], now: float, key_id: str | None = None
+    ) -> Session | None:
         """The session these stored fields describe, or None when it has expired."""
         if not fields:
             return None
@@ -117,18 +119,21 @@ class SessionStore:
             last = now
         if now - last > self.settings.idle_ttl:
             return None
+        if key_id is None:
+            key_id = self.keys.key_id(token)
         return Session(
             token=token,
-            key_id=self.keys.key_id(token),
-            id=public_id(token),
+            key_id=key_id,
+            id=public_id(token) if self.keys.raw_tokens else key_id,
             fields=fields,
             deadline=deadline,
         )
 
     async def load(self, token: str) -> Session | None:
         """Within redis.timeout (the batch enforces it)."""
-        fields = await self.reader.hgetall(self.keys.session(self.keys.key_id(token)))
-        return self.from_fields(token, fields, time.time())
+        key_id = self.keys.key_id(token)
+        fields = await self.reader.hgetall(self.keys.session(key_id))
+        return self.from_fields(token, fields, time.time(), key_id)
 
     def new_guest(self) -> Session:
         token = new_token()

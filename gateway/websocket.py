@@ -28,7 +28,12 @@ def is_websocket(request: web.Request) -> bool:
 
 async def proxy_websocket(gw: Gateway, ctx: RequestContext) -> web.StreamResponse:
     request = ctx.request
+    # Check the client's handshake before opening anything upstream: a broken one must
+    # not hold an upstream connection.
+    if not web.WebSocketResponse().can_prepare(request).ok:
+        return text_response(400, "bad request: invalid WebSocket handshake")
     upstream = gw.upstreams[ctx.route.upstream]
+    settings = gw.settings.upstreams[ctx.route.upstream]
     headers = gw.upstream_headers(ctx)
     for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions"):
         headers.popall(h, None)
@@ -41,13 +46,15 @@ async def proxy_websocket(gw: Gateway, ctx: RequestContext) -> web.StreamRespons
     for server in upstream.candidates():
         url = upstream_url(server, request)
         try:
-            upstream_ws = await gw.client.ws_connect(
-                url,
-                headers=headers,
-                protocols=protocols,
-                timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
-                autoping=True,
-            )
+            # The handshake is bounded like an upstream request (connect + read).
+            async with asyncio.timeout(settings.connect_timeout + settings.read_timeout):
+                upstream_ws = await gw.client.ws_connect(
+                    url,
+                    headers=headers,
+                    protocols=protocols,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+                    autoping=True,
+                )
             break
         except aiohttp.ClientConnectorError:
             upstream.eject(server)
@@ -62,7 +69,11 @@ async def proxy_websocket(gw: Gateway, ctx: RequestContext) -> web.StreamRespons
     client_ws = web.WebSocketResponse(
         protocols=[upstream_ws.protocol] if upstream_ws.protocol else ()
     )
-    await client_ws.prepare(request)
+    try:
+        await client_ws.prepare(request)
+    except BaseException:
+        await upstream_ws.close()
+        raise
 
     async def pump(
         src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,

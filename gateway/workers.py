@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ async def _supervise(settings: Settings, argv: list[str], workers: int) -> int:
         url = await embedded.start()
         log.info("embedded redis-server started at %s", url)
     children: list[asyncio.subprocess.Process] = []
+    codes: list[int] = []
     try:
         for i in range(workers):
             children.append(
@@ -41,8 +43,8 @@ async def _supervise(settings: Settings, argv: list[str], workers: int) -> int:
                     *argv,
                     "--worker-index",
                     str(i),
-                    "--redis-url",
-                    url,
+                    # The URL may carry a password: the environment, not argv (ps).
+                    env={**os.environ, "GATEWAY_WORKER_REDIS_URL": url},
                 )
             )
         loop = asyncio.get_running_loop()

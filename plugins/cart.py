@@ -121,13 +121,21 @@ local function mirror(src, dst, ttl)
 end
 """
 
-# KEYS[1] = cart, KEYS[2] = user copy (only for an authenticated session that keeps one)
+# KEYS[1] = cart, KEYS[2] = its session (the change is skipped when that is gone),
+# KEYS[3] = user copy (only for an authenticated session that keeps one)
 # ARGV = ttl, max_items, user_ttl, then per instruction: op, sku, qty, cents
 # Returns {total_items, total_value, outcome per instruction}.
 _APPLY = (
     _LUA_COMMON
     + """
 local ttl, max_items, user_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  -- The session is gone (a login moved its cart, or a logout): an orphan cart under
+  -- its id would only hold the item out of the user's sight.
+  local out = {'0', '0.00'}
+  for i = 4, #ARGV, 4 do table.insert(out, 'no-session') end
+  return out
+end
 local items, order = read_items(KEYS[1])
 local n = #order
 local outcomes = {}
@@ -166,7 +174,7 @@ for i = 4, #ARGV, 4 do
   table.insert(outcomes, outcome)
 end
 local qty, cents = write_cart(KEYS[1], items, order, ttl)
-if KEYS[2] then mirror(KEYS[1], KEYS[2], user_ttl) end
+if KEYS[3] then mirror(KEYS[1], KEYS[3], user_ttl) end
 local out = {tostring(qty), money(cents)}
 for _, o in ipairs(outcomes) do table.insert(out, o) end
 return out
@@ -325,13 +333,7 @@ class Cart(Plugin):
             kinds.append(ins.kind)
         if not kinds:
             return
-        if s.new:
-            # A guest whose first request filled the cart: write the session now rather
-            # than at the next activity flush, so a login right after still finds it
-            # (and with it this cart).
-            async with asyncio.timeout(self.services.redis_timeout):
-                await self.services.store.create(s)
-        keys = [self.services.keys.cart(s.key_id)]
+        keys = [self.services.keys.cart(s.key_id), self.services.keys.session(s.key_id)]
         if self.config.persist_user_cart and s.user_id:
             keys.append(self._user_key(s.user_id))
         async with asyncio.timeout(self.services.redis_timeout):

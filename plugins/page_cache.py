@@ -42,6 +42,7 @@ log = logging.getLogger("plugins.page_cache")
 CACHE = Counter("gateway_page_cache_total", "Page cache lookups and stores", ["outcome"])
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 STATE = "page_cache"
+_UNCACHEABLE_VARY = frozenset({"cookie", "authorization", "proxy-authorization"})
 VARY_MEMO = 10_000  # URLs whose Vary names are remembered in-process
 # Never stored: per-request or per-visitor headers, and ones recomputed on a hit.
 UNSTORED = frozenset(
@@ -326,7 +327,17 @@ class PageCache(Plugin):
             return "cache-control"
         if cc.get("s-maxage", cc.get("max-age")) == "0":
             return "cache-control"
-        if any(n.strip() == "*" for v in h.getall("Vary", ()) for n in v.split(",")):
+        varied = {
+            n.strip().lower().replace("_", "-") for v in h.getall("Vary", ()) for n in v.split(",")
+        }
+        # SECURITY: the key is built from the client's request headers. Cookie or
+        # Authorization would put credentials (the raw session token) into Redis, and
+        # X-Session-* are the gateway's own headers, which the client never controls.
+        if (
+            "*" in varied
+            or varied & _UNCACHEABLE_VARY
+            or any(n.startswith("x-session-") for n in varied)
+        ):
             return "vary"
         s = ctx.session
         if ctx.logged_in or (

@@ -87,7 +87,12 @@ class ViewedItems(Plugin):
 
     def item_of(self, path: str) -> str | None:
         m = self._re.fullmatch(path)
-        return m.group("item") if m else None
+        if m is None:
+            return None
+        item = m.group("item")
+        # Undecodable bytes (lone surrogates under the pure-Python parser) cannot be
+        # stored as Redis members: such a path names no item.
+        return item if item.isprintable() and _encodable(item) else None
 
     # -- request side -------------------------------------------------------------------
 
@@ -197,3 +202,16 @@ class ViewedItems(Plugin):
         except REDIS_FAILURES as e:
             VIEWS.labels("lost").inc(sum(counts.values()))
             log.warning("viewed items flush failed: %s: %s", type(e).__name__, e)
+        except Exception:
+            # Data the client refused to encode (a bug, not an outage): the batch is
+            # dropped so the writer keeps running for everyone else.
+            VIEWS.labels("lost").inc(sum(counts.values()))
+            log.exception("viewed items flush failed; batch dropped")
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

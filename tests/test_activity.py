@@ -8,12 +8,14 @@ import threading
 import time
 from typing import Any
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from gateway import activity, metrics
 from gateway.activity import ActivityWriter
+from gateway.app import ACTIVITY
 from gateway.config import ActivitySettings
 from gateway.sessions import public_id
 
@@ -165,3 +167,26 @@ def test_sigterm_flushes_buffered_activity(
         assert "activity flushed" in gp.log()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.security  # also runs under the pure-Python parser, where surrogates appear
+async def test_undecodable_path_cannot_stop_the_writer(
+    gw: TestClient, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """A request line with bytes that are not UTF-8 is decoded with surrogates by the
+    pure-Python parser; its current_page must still be storable, and the writer must
+    keep flushing everyone's activity."""
+    from .conftest import raw_request
+
+    token = await login(gw, upstream)
+    assert gw.port is not None
+    await raw_request(
+        gw.port,
+        b"GET /products/\xff\xfe HTTP/1.1\r\nHost: x\r\nCookie: sid="
+        + token.encode()
+        + b"\r\nConnection: close\r\n\r\n",
+    )
+    await gw.get("/after")
+    await wait_for(lambda: rdb.hget(_key(token), "current_page") == "/after")
+    writer = gw.server.app[ACTIVITY]
+    assert writer._task is not None and not writer._task.done()

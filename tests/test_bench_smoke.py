@@ -33,11 +33,18 @@ def test_bench_smoke(tmp_path: Path) -> None:
         pytest.fail(f"bench --smoke took over 180 s:\n{(e.stdout or b'')[-3000:]!r}")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     data = json.loads((out / "latest.json").read_text())
-    for key in "abcde":
+    for key in "abcdef":
         scenario = data["scenarios"].get(key, {})
         assert scenario.get("requests", 0) > 0, f"scenario {key}: {scenario}"
         assert data["fixed_rate"][key]["requests"] > 0
+    for key in "cdef":
+        # Both Redis figures are reported: sent by the proxy and executed by Redis.
+        scenario = data["scenarios"][key]
+        assert scenario["redis_sent_per_req"] is not None, f"scenario {key}: {scenario}"
+        assert scenario["redis_executed_per_req"] >= scenario["redis_sent_per_req"]
     assert data["load_6k"]["requests"] > 0
+    for key in ("e", "f"):
+        assert data["load_tests"][key]["requests"] > 0, f"load test {key}"
     assert data["memory"]["sessions"] == 2_000
     assert (out / "latest.md").read_text().startswith("# Session Gateway benchmark")
     assert (out / "latest.png").stat().st_size > 0

@@ -80,7 +80,7 @@ def test_json_logs_one_line_per_event_with_request_id(
         await runner.cleanup()
         lines = [ln for ln in gp.log().splitlines() if ln.strip()]
         docs = [json.loads(ln) for ln in lines]  # every line is one JSON document
-        login = [d for d in docs if d["msg"].startswith("login user_id=3")]
+        login = [d for d in docs if d["msg"].startswith("login user_id='3'")]
         assert login and login[0]["request_id"] == "req-12345678"
 
     asyncio.run(scenario())

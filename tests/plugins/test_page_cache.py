@@ -47,8 +47,9 @@ async def get(gw: TestClient, path: str, **kw: Any) -> tuple[int, str, str | Non
 
 
 async def test_miss_then_hit(make_gateway: GatewayFactory, upstream: Upstream) -> None:
-    upstream.routes["/products/1"] = page(("X-Shop", "yes"), ("Content-Type", "text/html"),
-                                          body="<h1>one</h1>")
+    upstream.routes["/products/1"] = page(
+        ("X-Shop", "yes"), ("Content-Type", "text/html"), body="<h1>one</h1>"
+    )
     gw = await cache_gateway(make_gateway)
     s1, b1, c1, h1 = await get(gw, "/products/1")
     s2, b2, c2, h2 = await get(gw, "/products/1")
@@ -106,7 +107,9 @@ async def test_followers_go_upstream_when_the_leader_cannot_be_cached(
     ],
 )
 async def test_not_cached(
-    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis,
+    make_gateway: GatewayFactory,
+    upstream: Upstream,
+    rdb: redis.Redis,
     headers: list[tuple[str, str]],
 ) -> None:
     upstream.routes["/products/x"] = page(*headers)
@@ -268,3 +271,22 @@ async def test_waiting_misses_are_released_when_the_leader_fails(
     results = await asyncio.gather(*(get(gw, "/products/f") for _ in range(5)))
     assert sorted(s for s, _, _, _ in results) == [200, 200, 200, 200, 502]
     assert asyncio.get_running_loop().time() - started < 5  # not the 30 s wait_timeout
+
+
+@pytest.mark.parametrize(
+    "vary", ["Cookie", "Authorization", "X-Session-Authenticated", "accept, cookie"]
+)
+async def test_vary_on_credentials_or_gateway_headers_is_never_cached(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis, vary: str
+) -> None:
+    gw = await cache_gateway(make_gateway)
+    upstream.routes["/products/v"] = page(("Vary", vary))
+    token = "A" * 43
+    for _ in range(2):
+        _, _, xcache, _ = await get(gw, "/products/v", headers={"Cookie": f"sid={token}"})
+        assert xcache == "MISS"
+    assert fetches(upstream, "/products/v") == 2
+    # Nothing in Redis holds the client's cookie value.
+    for key in rdb.scan_iter("*"):
+        if rdb.type(key) == "string":
+            assert token not in (rdb.get(key) or "")
