@@ -93,9 +93,10 @@ def strip_headers(
     listed = connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
+        # Compared with "_" read as "-": CGI-style backends turn X_Real_IP and
+        # X-Real-IP into the same variable.
         norm = normalized(name)
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in drop:
+        if norm in HOP_BY_HOP or norm in drop:
             continue
         if norm in listed or norm.startswith(SESSION_PREFIX):
             continue

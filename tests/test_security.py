@@ -811,3 +811,59 @@ async def test_request_target_cannot_choose_upstream_host(
     assert status_of(raw) in (200, 400, 404)
     for r in upstream.received:
         assert r.header("Host") == urlsplit(upstream.url).netloc
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Forwarded",
+        "forwarded",
+        "X-Real-IP",
+        "x_real_ip",
+        "X-Original-URL",
+        "X-Rewrite-URL",
+        "X-Forwarded-Port",
+        "X-Forwarded-Prefix",
+    ],
+)
+async def test_client_proxy_headers_do_not_reach_the_backend(
+    gw: TestClient, upstream: Upstream, name: str
+) -> None:
+    assert gw.port is not None
+    raw = await raw_request(
+        gw.port,
+        b"GET /static/f HTTP/1.1\r\nHost: shop\r\n"
+        + name.encode()
+        + b": for=10.9.9.9;host=evil;/account/x\r\nConnection: close\r\n\r\n",
+    )
+    assert status_of(raw) == 200
+    low = name.lower().replace("_", "-")
+    assert not [k for k in upstream.last.names() if k.lower().replace("_", "-") == low]
+
+
+@pytest.mark.parametrize("target", ["/static/..;/account/x", "/static/..%3B/account/x"])
+async def test_tomcat_path_parameter_dot_segment_refused(
+    gw: TestClient, upstream: Upstream, target: str
+) -> None:
+    assert gw.port is not None
+    raw = await raw_request(
+        gw.port, f"GET {target} HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert status_of(raw) == 400
+    assert upstream.received == []
+
+
+async def test_bad_websocket_handshake_is_400_without_touching_upstream(
+    make_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    from .conftest import BASE_ROUTES
+
+    client = await make_gateway(
+        routes=[{"path": "/ws/", "upstream": "app", "websocket": True}, *BASE_ROUTES]
+    )
+    resp = await client.get(
+        "/ws/x",
+        headers={"Upgrade": "websocket", "Connection": "Upgrade"},  # no key/version
+    )
+    assert resp.status == 400
+    assert upstream.received == []
