@@ -568,12 +568,16 @@ class Gateway:
             if f"x-session-cart-{kind}" in parsed
         ]
         if cart:
+            takers = [p for p in plugins if type(p).cart is not Plugin.cart]
             if ctx.session is None:
                 dropped("cart", "no-session")
+            elif not takers:
+                dropped("cart", "no-cart-plugin")
             else:
-                for p in plugins:
+                # The plugin counts what it applied (gateway_cart_instructions_total).
+                for p in takers:
                     await self.chain.guarded(p, p.cart, ctx, cart)
-                metrics.INSTRUCTIONS.labels("cart", "applied").inc(len(cart))
+                metrics.INSTRUCTIONS.labels("cart", "handed-to-plugin").inc(len(cart))
 
     async def _login(
         self,

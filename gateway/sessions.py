@@ -59,6 +59,12 @@ class Keys:
     def session(self, key_id: str) -> str:
         return f"{self.prefix}session:{self._tag(key_id)}"
 
+    def session_affixes(self) -> tuple[str, str]:
+        """(prefix, suffix) around a key id in a session key, for scripts that build
+        session keys from ids stored in an index."""
+        prefix, _, suffix = self.session("\x00").partition("\x00")
+        return prefix, suffix
+
     def cart(self, key_id: str) -> str:
         return f"{self.prefix}cart:{self._tag(key_id)}"
 
@@ -209,18 +215,31 @@ class SessionStore:
                 _WRITES.inc(len(pipe.command_stack))
                 await pipe.execute()
             return [session.key_id]
-        user_set = self.keys.user_sessions(uid)
+        # One script: a login between reading the index and deleting its sessions
+        # would otherwise survive, or lose its place in the index.
         _WRITES.inc()
-        members = cast(set[str], await self.redis.smembers(user_set))
-        members.add(session.key_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for m in members:
-                pipe.delete(self.keys.session(m))
-            pipe.delete(user_set)
-            _WRITES.inc(len(pipe.command_stack))
-            await pipe.execute()
+        members = cast(
+            list[str],
+            await self.redis.eval(
+                _LOGOUT_ALL,
+                1,
+                self.keys.user_sessions(uid),
+                session.key_id,
+                *self.keys.session_affixes(),
+            ),
+        )
         return sorted(members)
 
+
+# KEYS[1] = user_sessions:<uid>; ARGV = this session's key id, key prefix, key suffix
+# (the session key is prefix .. id .. suffix, so hash tags keep working). Returns ids.
+_LOGOUT_ALL = """
+local ids = redis.call('SMEMBERS', KEYS[1])
+table.insert(ids, ARGV[1])
+for _, id in ipairs(ids) do redis.call('DEL', ARGV[2] .. id .. ARGV[3]) end
+redis.call('DEL', KEYS[1])
+return ids
+"""
 
 _HSET_IF_EXISTS = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
