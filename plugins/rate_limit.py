@@ -96,9 +96,10 @@ class RateLimit(Plugin):
 
     def client_key(self, ctx: RequestContext) -> str:
         s = ctx.session
-        # A session created by this request (a guest without a cookie) is not a client
-        # identity yet: a client that drops cookies would get a fresh limit every time.
-        if self.config.per == "session" and s is not None and not s.new:
+        # Only a logged-in session is a client identity: guest cookies cost nothing to
+        # collect, and a client holding many would multiply its limit. Guests are
+        # limited by address.
+        if self.config.per == "session" and s is not None and s.authenticated:
             return f"{self.services.keys.prefix}ratelimit:s:{s.id}"
         return f"{self.services.keys.prefix}ratelimit:a:{self._address(ctx.request)}"
 
