@@ -150,3 +150,23 @@ async def test_client_chosen_request_ids_do_not_collapse_entries(
     same = {"X-Request-Id": "same-request-id-1"}
     results = await asyncio.gather(*(gw.get("/p", headers=same) for _ in range(10)))
     assert sorted(r.status for r in results) == [200] * 5 + [429] * 5
+
+
+async def test_collecting_guest_cookies_does_not_multiply_the_limit(
+    make_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    from ..conftest import BASE_ROUTES
+
+    gw = await make_gateway(
+        routes=[{"path": "/shop/", "upstream": "app", "guest": True}, *BASE_ROUTES],
+        plugins=[{"rate_limit": {"per": "session", "limit": 3, "window": 60}}],
+    )
+    statuses = []
+    for _ in range(3):
+        # Each guest cookie is used once more after it was issued.
+        gw.session.cookie_jar.clear()
+        first = await gw.get("/shop/a")
+        statuses.append(first.status)
+        statuses.append((await gw.get("/shop/b")).status)
+    assert statuses[:3] == [200, 200, 200]
+    assert set(statuses[3:]) == {429}
