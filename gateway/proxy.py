@@ -53,7 +53,7 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # read whole and sent with the headers; larger bodies stream
 MAX_PAGE = 512  # bytes of current_page kept per session
-_STARTED = "gateway.response_started"
+_STARTED = web.RequestKey("gateway_response_started", web.StreamResponse)
 _PAGE_SAFE = "/:@!$&'()*+,;=-._~"
 _HOST_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]")
 

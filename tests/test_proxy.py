@@ -13,6 +13,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.plugin import Plugin, RequestContext, ResponseHead
+
 from .conftest import (
     GatewayFactory,
     RedisServer,
@@ -363,3 +365,34 @@ async def test_idempotent_request_retried_when_a_server_drops_it(
     finally:
         dropper.close()
         await dropper.wait_closed()
+
+
+class TapBoom(Plugin):
+    """Fails while the body is being streamed (after the headers went out)."""
+
+    async def response(self, ctx: RequestContext, head: ResponseHead) -> None:
+        def tap(chunk: bytes | None) -> None:
+            raise RuntimeError("tap failed")
+
+        ctx.body_tap = tap
+
+
+async def test_failure_after_headers_cuts_instead_of_a_second_response(
+    make_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    size = 1 << 20
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=b"y" * size)
+
+    upstream.routes["/static/big"] = big
+    client = await make_gateway(plugins=["tests.test_proxy:TapBoom"])
+    resp = await client.get("/static/big")
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    # The next request gets its own clean answer (a small body fails before the headers,
+    # so that one is a proper 500), not the leftovers of a desynchronised connection.
+    other = await client.get("/static/other")
+    assert other.status == 500
+    assert await other.text() == "gateway error\n"
