@@ -389,8 +389,11 @@ async def test_failure_after_headers_cuts_instead_of_a_second_response(
     client = await make_gateway(plugins=["tests.test_proxy:TapBoom"])
     resp = await client.get("/static/big")
     assert resp.status == 200
-    with pytest.raises(aiohttp.ClientPayloadError):
-        await resp.read()
+    # Bounded: a gateway that wrote a second response into the body would leave the
+    # client waiting for bytes that never come.
+    async with asyncio.timeout(10):
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
     # The next request gets its own clean answer (a small body fails before the headers,
     # so that one is a proper 500), not the leftovers of a desynchronised connection.
     other = await client.get("/static/other")
