@@ -1,5 +1,6 @@
-"""`make demo ARGS=--once`: the whole walk (guest cart, login keeps it, logout) must pass
-against the real gateway, embedded Redis and the Fake Web Retailer."""
+"""`make demo ARGS=--once`: the whole walk (guest cart, login keeps it, logout, a product
+page served from the page cache) must pass against the real gateway, embedded Redis and
+the Fake Web Retailer."""
 
 from __future__ import annotations
 
@@ -19,3 +20,5 @@ def test_demo_walk_passes_end_to_end(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "All steps passed." in r.stdout
     assert "0 session writes" in r.stdout
+    assert "X-Cache: MISS" in r.stdout and "X-Cache: HIT" in r.stdout
+    assert "viewed:ranking (zset" in r.stdout

@@ -259,6 +259,66 @@ async def test_pages_render(gateway_shop: Client) -> None:
     assert resp.status == 404
 
 
+def cache_control(resp: Any) -> set[str]:
+    return {part.strip().lower() for part in resp.headers.get("Cache-Control", "").split(",")}
+
+
+async def test_gateway_product_pages_are_public_and_the_same_for_everyone(
+    gateway_shop: Client,
+) -> None:
+    """The gateway's page cache may share product pages: nothing of the session in them."""
+    visitors = {
+        "no session": {},
+        "guest with a cart": {
+            "X-Session-Id": "a" * 64, "X-Session-Authenticated": "false",
+            "X-Session-Cart-Items": "3", "X-Session-Cart-Total": "2029.97",
+            "X-Session-Cart-Contents": "laptop-123%7C2%7C999.99,mouse-456%7C1%7C29.99",
+        },
+        "alice with a cart": {
+            **gw_headers(user_id="1001", username="alice", email="alice%40example.com"),
+            "X-Session-Cart-Items": "3", "X-Session-Cart-Total": "2029.97",
+        },
+    }
+    bodies = {}
+    for who, headers in visitors.items():
+        resp = await gateway_shop.get("/products/laptop-123", headers=headers)
+        assert resp.status == 200, who
+        assert cache_control(resp) == {"public", "max-age=30"}, who
+        assert "Set-Cookie" not in resp.headers and "Vary" not in resp.headers, who
+        html = await resp.text()
+        assert "UltraBook 14" in html and 'action="/cart/add"' in html, who
+        assert '<a href="/cart">Cart</a>' in html and "Cart (" not in html, who
+        assert "alice" not in html and "Log out" not in html, who
+        assert '<a href="/account">Account</a>' in html, who
+        bodies[who] = html
+    assert len(set(bodies.values())) == 1, "the product page depends on the session"
+
+    # The add-to-cart form posts to a page that is never cached.
+    resp = await gateway_shop.post("/cart/add", data={"sku": "laptop-123"},
+                                   allow_redirects=False)
+    assert {"private", "no-store"} <= cache_control(resp)
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [("/", 200), ("/products", 200), ("/cart", 200), ("/account", 200), ("/login", 200),
+     ("/debug/headers", 200), ("/products/nope", 404)],
+)
+async def test_gateway_pages_with_session_data_are_private(
+    gateway_shop: Client, path: str, status: int
+) -> None:
+    headers = {
+        **gw_headers(user_id="1001", username="alice", email="alice%40example.com"),
+        "X-Session-Cart-Items": "2", "X-Session-Cart-Total": "1999.98",
+    }
+    resp = await gateway_shop.get(path, headers=headers, allow_redirects=False)
+    assert resp.status == status
+    assert {"private", "no-store"} <= cache_control(resp), resp.headers.get("Cache-Control")
+    assert "public" not in cache_control(resp)
+    if path != "/debug/headers":
+        assert "Cart (2)" in await resp.text()  # personalised, hence private
+
+
 def test_make_app_rejects_unknown_mode(sqlite_url: str) -> None:
     with pytest.raises(ValueError, match="mode must be one of"):
         make_app("stateless", sqlite_url)
@@ -327,6 +387,14 @@ async def _legacy_walk(client: Client) -> None:
     html = await resp.text()
     assert '<strong id="username">alice</strong>' in html
     assert "<th>page_views</th>" in html
+    assert {"private", "no-store"} <= cache_control(resp)
+
+    # Legacy pages, product pages included, show the session: never shared-cacheable.
+    for path in ("/products/laptop-123", "/cart", "/"):
+        resp = await client.get(path)
+        assert resp.status == 200
+        assert "alice" in await resp.text(), path
+        assert {"private", "no-store"} <= cache_control(resp), path
 
     # Logout deletes the row and clears the cookie.
     resp = await client.post("/logout", allow_redirects=False)

@@ -9,7 +9,7 @@ from aiohttp.typedefs import Handler
 
 from .db import open_database
 from .sessions import SESSION, GatewaySessions, LegacySessions, SessionStore
-from .views import STATE, ShopState, routes
+from .views import PRIVATE, STATE, ShopState, routes
 
 MODES = ("gateway", "legacy")
 # No session work for probes: a health check must not create legacy sessions.
@@ -37,6 +37,9 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "same-origin")
     response.headers.setdefault("X-Frame-Options", "DENY")
+    # Nothing is cacheable unless its handler says so (only product pages in gateway
+    # mode do): a page showing one visitor's session must never reach another.
+    response.headers.setdefault("Cache-Control", PRIVATE)
     return response
 
 

@@ -3,7 +3,8 @@
 Starts a private Redis (gateway.embedded), the shop in gateway mode (SQLite in a
 temporary directory) and ``python -m gateway`` with a generated config, then walks
 through a visit as a browser would: browse, add to cart as a guest, log in (the cart is
-kept), browse, view the account, log out. At each step it prints what the shop received
+kept), browse, view the account, log out; then two new guests ask for a popular product
+page, the second one served by the page cache. At each step it prints what the shop received
 from the gateway and which keys Redis holds.
 
     python -m examples.fake_web_retailer.demo          # walk, then serve until Ctrl-C
@@ -23,7 +24,8 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,6 +33,7 @@ import aiohttp
 import redis.asyncio as aioredis
 import yaml
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from gateway.embedded import EmbeddedRedis, EmbeddedRedisError
 
@@ -41,6 +44,9 @@ ROOT = Path(__file__).resolve().parents[2]
 COOKIE = "sid"
 USER, PASSWORD = "alice", "alice-password"
 PRODUCT, PRODUCT_NAME, QTY = "laptop-123", "UltraBook 14", 2
+OTHER_PRODUCT = "mouse-456"
+TOP_REFRESH = 0.5  # seconds between the page cache's reads of the viewed-items ranking
+RANKING = "viewed:ranking"
 
 
 class StepFailed(Exception):
@@ -79,8 +85,24 @@ def gateway_config(listen_port: int, redis_url: str, shop_url: str) -> dict[str,
             {"path": "/", "upstream": "shop", "session": "optional",
              "instructions": ["set", "logout", "cart"], "guest": True},
         ],
-        # The contents header lets the cart page list the items, not just the totals.
-        "plugins": [{"cart": {"contents_header": True}}],
+        # Order as in docs/plugins.md: page_cache before viewed_items and cart. A hit
+        # answers in page_cache's request hook and skips the later request hooks (the
+        # cart's HGETALL), which a cached page does not need; response hooks always run,
+        # so viewed_items still counts every hit as a view, and the ranking that only_top
+        # reads stays right. A rate_limit would go first, so that hits are limited too.
+        "plugins": [
+            # The shop sends "Cache-Control: public, max-age=30" on product pages only
+            # (the TTL comes from it; ttl is the fallback) and "private, no-store" on every
+            # page with session data, which the cache refuses. only_top: just the 10 most
+            # viewed products (of 20) are cached: the popular pages are where a cache
+            # saves the shop work, the long tail would only fill Redis. top_refresh is
+            # short here so the walk sees the ranking take effect (default 5 s).
+            {"page_cache": {"paths": ["/products/"], "ttl": 30, "only_top": 10,
+                            "top_refresh": TOP_REFRESH}},
+            {"viewed_items": {"pattern": "/products/{item}", "flush_interval": 0.1}},
+            # The contents header lets the cart page list the items, not just the totals.
+            {"cart": {"contents_header": True}},
+        ],
     }
 
 
@@ -93,6 +115,14 @@ def tail(path: Path, lines: int = 25) -> str:
 
 
 # ------------------------------------------------------------------------ the walk
+@dataclass(slots=True)
+class Answer:
+    status: int
+    path: str  # after redirects
+    headers: CIMultiDictProxy[str]
+    body: str
+
+
 class Visit:
     """A browser-like client plus the probes that show what happened where."""
 
@@ -107,15 +137,38 @@ class Visit:
                 return c.value
         return None
 
-    async def request(self, method: str, path: str, **kw: Any) -> tuple[int, str, str]:
-        """(status, final path, body); checks that no X-Session-* header leaks out."""
+    async def fetch(self, method: str, path: str, **kw: Any) -> Answer:
+        """The final answer; checks that no X-Session-* header leaks out."""
         async with self.http.request(method, self.base + path, **kw) as resp:
             body = await resp.text()
             for r in (*resp.history, resp):
                 leaked = [h for h in r.headers if h.lower().startswith("x-session-")]
                 check(not leaked, f"{method} {path}: X-Session-* headers reached the client: "
                                   f"{leaked}")
-            return resp.status, resp.url.path, body
+            return Answer(resp.status, resp.url.path, resp.headers, body)
+
+    async def request(self, method: str, path: str, **kw: Any) -> tuple[int, str, str]:
+        """(status, final path, body); checks that no X-Session-* header leaks out."""
+        answer = await self.fetch(method, path, **kw)
+        return answer.status, answer.path, answer.body
+
+    @contextlib.asynccontextmanager
+    async def another_browser(self) -> AsyncIterator[Visit]:
+        """A second visitor: its own cookie jar, same gateway and Redis."""
+        jar = aiohttp.CookieJar(unsafe=True)
+        async with aiohttp.ClientSession(cookie_jar=jar) as http:
+            yield Visit(self.base, http, self.redis)
+
+    async def views_of(self, item: str, at_least: int, limit: float = 5.0) -> int:
+        """Wait until the ranking counts ``at_least`` views of item (they are written
+        behind); return the count."""
+        deadline = time.monotonic() + limit
+        while True:
+            score = await self.redis.zscore(RANKING, item)
+            views = int(score or 0)
+            if views >= at_least or time.monotonic() > deadline:
+                return views
+            await asyncio.sleep(0.05)
 
     async def received(self) -> dict[str, Any]:
         """What the shop receives now (its /debug/headers echo), printed."""
@@ -134,18 +187,37 @@ class Visit:
             found[str(key)] = str(await self.redis.type(key))  # decode_responses=True
         if show:
             print("    redis keys:" + ("" if found else " (none)"))
-            for key in sorted(found)[:20]:
+            for key in sorted(found)[:30]:
                 ttl = await self.redis.ttl(key)
                 extra = ""
                 if found[key] == "hash":
                     fields = await self.redis.hgetall(key)
                     extra = " " + json.dumps(dict(sorted(fields.items())))
+                elif found[key] == "zset":  # viewed:<id> (item -> time), the ranking
+                    members = await self.redis.zrevrange(key, 0, 9, withscores=True)
+                    extra = " " + json.dumps({m: round(sc, 3) for m, sc in members})
                 print(f"      {key} ({found[key]}, ttl {ttl}s){extra}")
         return found
 
 
 def session_keys(keys: dict[str, str]) -> set[str]:
     return {k for k in keys if "session:" in k and "user_sessions" not in k}
+
+
+def check_neutral(answer: Answer, who: str) -> None:
+    """A product page as the page cache may share it: public, and nothing of anyone's
+    session in it (no username, no cart count)."""
+    what = f"the product page for {who}"
+    check(answer.status == 200 and PRODUCT_NAME in answer.body,
+          f"{what} answered {answer.status}")
+    cc = answer.headers.get("Cache-Control", "")
+    check(cc.startswith("public") and "max-age=30" in cc,
+          f"{what} has Cache-Control {cc!r}, expected 'public, max-age=30'")
+    check('action="/cart/add"' in answer.body, f"{what} has no add-to-cart form")
+    check('<a href="/cart">Cart</a>' in answer.body and "Cart (" not in answer.body,
+          f"{what} shows a cart count")
+    check(USER not in answer.body and "Log out" not in answer.body,
+          f"{what} shows a logged-in user")
 
 
 async def walk(visit: Visit) -> list[tuple[str, str | None]]:
@@ -163,12 +235,23 @@ async def walk(visit: Visit) -> list[tuple[str, str | None]]:
         await visit.keys()
 
     async def view_product() -> None:
+        memo["views"] = int(await visit.redis.zscore(RANKING, PRODUCT) or 0)  # 0 when fresh
         status, _, body = await visit.request("GET", f"/products/{PRODUCT}")
         check(status == 200 and PRODUCT_NAME in body, f"product page answered {status}")
         data = await visit.received()
         check(data["session_id"] == memo["guest_id"],
               "the guest's session did not carry over to the next request "
               f"(X-Session-Id {memo['guest_id'][:12]}... became {data['session_id'][:12]}...)")
+        # viewed_items writes behind: the view reaches Redis within its flush interval.
+        views = await visit.views_of(PRODUCT, memo["views"] + 1)
+        check(views == memo["views"] + 1,
+              f"the ranking counts {views} views of {PRODUCT}, expected {memo['views'] + 1}")
+        keys = await visit.keys()
+        viewed = [k for k in keys if k.startswith("viewed:") and k != RANKING
+                  and await visit.redis.zscore(k, PRODUCT) is not None]
+        check(len(viewed) == 1, f"expected one viewed:<id> key holding {PRODUCT}: {viewed}")
+        owner = "session:" + viewed[0].removeprefix("viewed:")
+        check(owner in keys, f"{viewed[0]} belongs to no session in Redis")
 
     async def add_to_cart() -> None:
         status, path, body = await visit.request(
@@ -218,6 +301,49 @@ async def walk(visit: Visit) -> list[tuple[str, str | None]]:
         check(f'<strong id="username">{USER}</strong>' in body, "account page lacks the username")
         await visit.received()
 
+    async def page_cache() -> None:
+        # PRODUCT is in the ranking since step 2, so among the top 10 that page_cache
+        # caches (only_top); give the gateway time to re-read the ranking.
+        await asyncio.sleep(3 * TOP_REFRESH)
+        top = await visit.redis.zrevrange(RANKING, 0, 9, withscores=True)
+        print(f"    ranking: {', '.join(f'{m} ({int(sc)})' for m, sc in top)}")
+        check(PRODUCT in [m for m, _ in top], f"{PRODUCT} is not in the top 10")
+        path = f"/products/{PRODUCT}"
+        async with visit.another_browser() as first:
+            # A guest with a cart: personal data that must not end up in the cache.
+            status, where, body = await first.request(
+                "POST", "/cart/add", data={"sku": OTHER_PRODUCT, "qty": "1"})
+            check(status == 200 and where == "/cart" and "1 item(s)" in body,
+                  f"the first guest's add to cart ended at {where} with {status}")
+            miss = await first.fetch("GET", path)
+            first_cookie = first.cookie()
+        async with visit.another_browser() as second:
+            hit = await second.fetch("GET", path)
+            second_cookie = second.cookie()
+        for who, answer in (("a guest with a cart", miss), ("a new guest", hit)):
+            print(f"    GET {path} as {who}: {answer.status}, "
+                  f"X-Cache: {answer.headers.get('X-Cache')}, "
+                  f"Cache-Control: {answer.headers.get('Cache-Control')}"
+                  + (f", Age: {answer.headers['Age']}" if "Age" in answer.headers else ""))
+        check(miss.headers.get("X-Cache") == "MISS",
+              f"first request: X-Cache {miss.headers.get('X-Cache')!r}, expected MISS")
+        check(hit.headers.get("X-Cache") == "HIT",
+              f"second request: X-Cache {hit.headers.get('X-Cache')!r}, expected HIT "
+              "(is page_cache enabled, and the product in the top 10?)")
+        check_neutral(miss, "a guest with a cart")
+        check_neutral(hit, "a new guest (from the cache)")
+        check(hit.body == miss.body, "the cached page differs from the page the shop rendered")
+        check(second_cookie and second_cookie != first_cookie,
+              "the new guest did not get a session cookie of its own with the cached page")
+        print("    the cached page holds no username and no cart count")
+        # A hit counts as a view too: step 2, the miss and the hit.
+        views = await visit.views_of(PRODUCT, memo["views"] + 3)
+        check(views == memo["views"] + 3,
+              f"the ranking counts {views} views of {PRODUCT}, expected {memo['views'] + 3}")
+        keys = await visit.keys()
+        stored = [k for k in keys if k.startswith("pagecache:") and ":vary:" not in k]
+        check(len(stored) == 1, f"expected one page in the cache, Redis holds {stored}")
+
     async def log_out() -> None:
         status, path, _ = await visit.request("POST", "/logout")
         check(status == 200 and path == "/", f"logout ended at {path} with {status}")
@@ -240,6 +366,8 @@ async def walk(visit: Visit) -> list[tuple[str, str | None]]:
         ("browse some more", browse_more),
         ("the account page shows the username", account),
         ("log out: the session is gone from Redis", log_out),
+        (f"two guests ask for {PRODUCT}: the second gets the cached page, with nothing "
+         "personal in it", page_cache),
     ]
     results: list[tuple[str, str | None]] = []
     for number, (name, step) in enumerate(steps, start=1):
@@ -256,6 +384,8 @@ async def walk(visit: Visit) -> list[tuple[str, str | None]]:
             break
         print("    ok")
         results.append((name, None))
+    # Every step has an entry: the ones after a failure did not run.
+    results += [(name, "not run") for name, _ in steps[len(results):]]
     return results
 
 
@@ -340,8 +470,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
         failed = [(name, err) for name, err in results if err]
         if rows or writes:
             failed.append(("the shop database saw no session writes", f"{writes} writes"))
-        if failed or len(results) < 7:
-            name, err = failed[0] if failed else ("walk", "incomplete")
+        if failed or not results:
+            name, err = failed[0] if failed else ("walk", "no steps ran")
             print(f"\nDEMO FAILED at step: {name}: {err}")
             print(f"(gateway log: {log_path})\n{tail(log_path, 10)}")
             status = 1

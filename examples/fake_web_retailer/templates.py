@@ -29,7 +29,21 @@ def money(amount: Decimal) -> str:
     return f"${amount.quantize(Decimal('0.01')):,}"
 
 
+def _shell(title: str, body: str, nav: str, who: str, mode: str) -> str:
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{e(title)} · Fake Web Retailer</title><style>{_STYLE}</style></head>
+<body><header><strong><a href="/">Fake Web Retailer</a></strong>
+<a href="/products">Products</a>{nav}
+<span class="spacer"></span><span class="muted">{e(mode)} mode</span>{who}</header>
+<main><h1>{e(title)}</h1>
+{body}
+</main></body></html>"""
+
+
 def layout(title: str, body: str, session: ShopSession, mode: str) -> str:
+    """The personalised layout (cart count, username): such pages are private."""
     cart = session.cart
     cart_label = f"Cart ({cart.total_items})" if cart.known else "Cart"
     if session.authenticated:
@@ -39,16 +53,13 @@ def layout(title: str, body: str, session: ShopSession, mode: str) -> str:
         )
     else:
         who = '<a href="/login">Log in</a>'
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{e(title)} · Fake Web Retailer</title><style>{_STYLE}</style></head>
-<body><header><strong><a href="/">Fake Web Retailer</a></strong>
-<a href="/products">Products</a><a href="/cart">{e(cart_label)}</a>
-<span class="spacer"></span><span class="muted">{e(mode)} mode</span>{who}</header>
-<main><h1>{e(title)}</h1>
-{body}
-</main></body></html>"""
+    return _shell(title, body, f'<a href="/cart">{e(cart_label)}</a>', who, mode)
+
+
+def neutral_layout(title: str, body: str, mode: str) -> str:
+    """The same for every visitor (no username, no cart count): for shared-cacheable
+    pages. "Account" leads to the login form when nobody is logged in."""
+    return _shell(title, body, '<a href="/cart">Cart</a>', '<a href="/account">Account</a>', mode)
 
 
 def _product_item(p: Product) -> str:

@@ -29,6 +29,14 @@ class ShopState:
 STATE = web.AppKey("shop_state", ShopState)
 routes = web.RouteTableDef()
 
+# Pages that show session data (the layout's cart count and username, the cart, the
+# account) must never be stored by a shared cache: ``private, no-store`` is the default
+# for every response (see app.security_headers). Product pages in gateway mode are
+# rendered the same for everyone and opt in to shared caching (the gateway's page_cache
+# takes its TTL from max-age).
+PRIVATE = "private, no-store"
+PUBLIC_PRODUCT_PAGE = "public, max-age=30"
+
 
 def _state(request: web.Request) -> ShopState:
     return request.app[STATE]
@@ -37,7 +45,9 @@ def _state(request: web.Request) -> ShopState:
 def page(request: web.Request, title: str, body: str, status: int = 200) -> web.Response:
     state = _state(request)
     html = templates.layout(title, body, request[SESSION], state.mode)
-    return web.Response(text=html, status=status, content_type="text/html")
+    return web.Response(
+        text=html, status=status, content_type="text/html", headers={"Cache-Control": PRIVATE}
+    )
 
 
 def redirect(location: str) -> web.Response:
@@ -73,10 +83,21 @@ async def product_list(request: web.Request) -> web.Response:
 
 @routes.get("/products/{sku}")
 async def product_detail(request: web.Request) -> web.Response:
-    product = _state(request).catalog.get(request.match_info["sku"])
+    state = _state(request)
+    product = state.catalog.get(request.match_info["sku"])
     if product is None:
         return page(request, "Not found", templates.not_found("That product"), status=404)
-    return page(request, product.name, templates.product_page(product))
+    body = templates.product_page(product)
+    if state.mode != "gateway":
+        # Legacy mode is not behind a shared cache and keeps its personalised layout
+        # (and may set its session cookie here): private like every other page.
+        return page(request, product.name, body)
+    # Nothing from the session goes into this page: the same bytes for every visitor,
+    # so the gateway's page cache may serve it to anyone.
+    html = templates.neutral_layout(product.name, body, state.mode)
+    return web.Response(
+        text=html, content_type="text/html", headers={"Cache-Control": PUBLIC_PRODUCT_PAGE}
+    )
 
 
 @routes.get("/cart")
@@ -177,7 +198,8 @@ async def debug_headers(request: web.Request) -> web.Response:
     session = request[SESSION]
     cart = session.cart
     return web.json_response(
-        {
+        headers={"Cache-Control": PRIVATE},
+        data={
             "mode": _state(request).mode,
             "headers": session_headers(request.headers),
             "authenticated": session.authenticated,
@@ -189,5 +211,5 @@ async def debug_headers(request: web.Request) -> web.Response:
                 "total_value": str(cart.total_value),
                 "lines": [[ln.sku, ln.qty, str(ln.unit_price)] for ln in cart.lines],
             },
-        }
+        },
     )
