@@ -6,6 +6,7 @@ nor ``X-Session-Id`` hands out a live cookie (cf. Rack CVE-2019-16782).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import secrets
@@ -139,7 +140,16 @@ class SessionStore:
         """Within redis.timeout (the batch enforces it)."""
         key_id = self.keys.key_id(token)
         fields = await self.reader.hgetall(self.keys.session(key_id))
-        return self.from_fields(token, fields, time.time(), key_id)
+        now = time.time()
+        session = self.from_fields(token, fields, now, key_id)
+        if session is not None and "login_time" not in fields:
+            # A session written by other software (migrated data) has no start: it gets
+            # one now, once, so the absolute lifetime is enforced from here on.
+            async with asyncio.timeout(self.reader.timeout):
+                _WRITES.inc()
+                await self.redis.hsetnx(self.keys.session(key_id), "login_time", _ts(now))
+            session.fields["login_time"] = _ts(now)
+        return session
 
     def new_guest(self) -> Session:
         token = new_token()

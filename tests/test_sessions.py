@@ -555,3 +555,22 @@ async def test_non_guest_route_creates_no_session(
     assert sid_cookies(resp) == []
     assert upstream.last.all("X-Session-Id") == []
     assert rdb.keys("session:*") == []
+
+
+async def test_session_without_login_time_gets_one_so_absolute_expiry_applies(
+    gw: TestClient, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """Migrated data may lack login_time; the first lookup stamps it (once)."""
+    import secrets
+
+    token = secrets.token_urlsafe(32)
+    key = "session:" + hashlib.sha256(token.encode()).hexdigest()
+    rdb.hset(key, mapping={"user_id": "5", "last_activity": f"{time.time():.3f}"})
+    rdb.expire(key, 600)
+    resp = await gw.get("/page", cookies={"sid": token})
+    assert resp.status == 200
+    assert upstream.last.header("X-Session-User-Id") == "5"
+    stamped = rdb.hget(key, "login_time")
+    assert stamped is not None and abs(float(stamped) - time.time()) < 30
+    await gw.get("/page", cookies={"sid": token})
+    assert rdb.hget(key, "login_time") == stamped  # not moved by later requests
