@@ -51,6 +51,10 @@ REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 _LUA_COMMON = """
 local MAX_TOTAL = 1000000000000000
 local MAX_QTY = 9999
+-- Fields that are not items this script understands (legacy formats such as
+-- "1,299.00"): kept, renamed unparsed:<field>, so no data is lost and the totals still
+-- equal the items.
+local preserved = {}
 local function cents_of(p)
   if string.sub(p, 1, 1) == '$' then p = string.sub(p, 2) end
   local i, f = string.match(p, '^(%d+)%.?(%d?%d?)$')
@@ -78,7 +82,11 @@ local function read_items(key)
       if sku then
         items[sku] = {q, c}
         table.insert(order, sku)
+      else
+        table.insert(preserved, {'unparsed:' .. all[i], all[i + 1]})
       end
+    elseif string.sub(all[i], 1, 9) == 'unparsed:' then
+      table.insert(preserved, {all[i], all[i + 1]})
     end
   end
   return items, order
@@ -101,6 +109,12 @@ local function write_cart(key, items, order, ttl)
     table.insert(args, tostring(qty))
     table.insert(args, 'total_value')
     table.insert(args, money(cents))
+  end
+  for _, kv in ipairs(preserved) do
+    table.insert(args, kv[1])
+    table.insert(args, kv[2])
+  end
+  if #args > 0 then
     redis.call('HSET', key, unpack(args))
     redis.call('EXPIRE', key, ttl)
   end

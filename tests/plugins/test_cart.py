@@ -293,3 +293,33 @@ async def test_config_is_validated(redis_server: RedisServer, upstream: Upstream
     cfg = base_config(redis_server.url, upstream.url, plugins=[{"cart": {"max_items": 0}}])
     with pytest.raises(ConfigError, match=r"^plugins\[0\]\.cart\.max_items: "):
         validate_plugins(parse_settings(cfg))
+
+
+async def test_legacy_items_are_read_and_unreadable_ones_kept_aside(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """A cart written by the legacy app in the case study's own format (`item:1`, `$`
+    prices) is understood; a field no parser understands is kept, renamed, never lost."""
+    gw = await cart_gateway(make_gateway)
+    await send(gw, upstream, "/a")  # a guest session
+    sid = upstream.last.header("X-Session-Id")
+    rdb.hset(
+        f"cart:{sid}",
+        mapping={
+            "item:1": "laptop-123|2|$999.99",
+            "item:2": "mouse-456|1|1,299.00",
+            "total_items": "3",
+            "total_value": "1029.97",
+        },
+    )
+    await send(gw, upstream, "/b", ("X-Session-Cart-Add", "sku=pad-1; qty=1; price=5"))
+    assert cart_of(rdb, upstream) == {
+        "item:laptop-123": "laptop-123|2|999.99",
+        "item:pad-1": "pad-1|1|5.00",
+        "total_items": "3",
+        "total_value": "2004.98",
+        "unparsed:item:2": "mouse-456|1|1,299.00",
+    }
+    # Kept across later changes too.
+    await send(gw, upstream, "/c", ("X-Session-Cart-Remove", "sku=pad-1"))
+    assert cart_of(rdb, upstream)["unparsed:item:2"] == "mouse-456|1|1,299.00"
