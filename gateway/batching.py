@@ -18,20 +18,28 @@ MAX_BATCH = 256
 _SENT = metrics.REDIS_COMMANDS.labels("session_read")
 
 
+Command = tuple[str, ...]
+# The session hash, then one result per extra command (an exception object where that
+# command failed: a plugin's read must not fail the session lookup).
+ReadResult = tuple[dict[str, str], list[Any]]
+
+
 class BatchedReader:
     def __init__(self, redis: Redis, timeout: float) -> None:
         self.redis = redis
         # One timer per batch rather than one per request; every waiter of a batch that
         # runs out of time gets the TimeoutError.
         self.timeout = timeout
-        self._queue: list[tuple[str, asyncio.Future[dict[str, str]]]] = []
+        self._queue: list[tuple[str, tuple[Command, ...], asyncio.Future[ReadResult]]] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def hgetall(self, key: str) -> asyncio.Future[dict[str, str]]:
+    def hgetall(self, key: str, extra: tuple[Command, ...] = ()) -> asyncio.Future[ReadResult]:
+        """The hash at ``key`` plus the results of ``extra`` commands (plugins' reads for
+        the same request), all in the tick's one pipeline."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[dict[str, str]] = loop.create_future()
-        self._queue.append((key, fut))
+        fut: asyncio.Future[ReadResult] = loop.create_future()
+        self._queue.append((key, extra, fut))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._dispatch)
@@ -45,24 +53,35 @@ class BatchedReader:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[tuple[str, asyncio.Future[dict[str, str]]]]) -> None:
-        _SENT.inc(len(batch))
+    async def _run(
+        self, batch: list[tuple[str, tuple[Command, ...], asyncio.Future[ReadResult]]]
+    ) -> None:
+        _SENT.inc(sum(1 + len(extra) for _, extra, _ in batch))
         try:
             async with asyncio.timeout(self.timeout):
-                if len(batch) == 1:
+                if len(batch) == 1 and not batch[0][1]:
                     results: list[Any] = [await self.redis.hgetall(batch[0][0])]
                 else:
                     async with self.redis.pipeline(transaction=False) as pipe:
-                        for key, _ in batch:
+                        for key, extra, _ in batch:
                             pipe.hgetall(key)
-                        results = await pipe.execute()
+                            for cmd in extra:
+                                pipe.execute_command(*cmd)
+                        results = await pipe.execute(raise_on_error=False)
         except BaseException as e:
-            for _, fut in batch:
+            for _, _, fut in batch:
                 if not fut.done():
                     fut.set_exception(e if isinstance(e, Exception) else ConnectionError(str(e)))
             if not isinstance(e, Exception):
                 raise
             return
-        for (_, fut), res in zip(batch, results, strict=True):
-            if not fut.done():
-                fut.set_result(cast(dict[str, str], res))
+        i = 0
+        for _, extra, fut in batch:
+            fields, others = results[i], results[i + 1 : i + 1 + len(extra)]
+            i += 1 + len(extra)
+            if fut.done():
+                continue
+            if isinstance(fields, Exception):
+                fut.set_exception(fields)
+            else:
+                fut.set_result((cast(dict[str, str], fields), list(others)))

@@ -94,6 +94,8 @@ class RequestContext:
     # Set by a response hook to see the upstream body as it is streamed to the client:
     # called with each chunk, then once with None after the last one was sent.
     body_tap: Callable[[bytes | None], None] | None = None
+    # Results of plugins' prefetch commands, by plugin name (see Plugin.prefetch).
+    prefetched: dict[str, list[Any]] = field(default_factory=dict)
 
 
 class Plugin:
@@ -112,6 +114,18 @@ class Plugin:
 
     async def shutdown(self) -> None:
         """Called once after the last request has finished."""
+
+    def prefetch(self, route: RouteSettings, key_id: str) -> tuple[tuple[str, ...], ...]:
+        """Redis read commands about the session with this key id, sent in the same
+        pipeline as the session lookup, so they cost no round trip of their own.
+
+        Their results are in ``ctx.prefetched[self.name]`` when the request hook runs (an
+        exception object in place of a command that failed). Absent when no lookup was
+        made (no cookie, a new guest, Redis down): the hook then reads for itself or goes
+        without. Must be cheap and without side effects: it runs before the session is
+        known to exist.
+        """
+        return ()
 
     async def request(self, ctx: RequestContext) -> web.StreamResponse | None:
         """Runs after the session is resolved, before the upstream is called.

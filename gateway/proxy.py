@@ -38,7 +38,7 @@ from .logs import request_id_var
 from .plugin import CartInstruction, Chain, Plugin, RequestContext, ResponseHead
 from .responses import text_response
 from .routing import Router
-from .sessions import RESERVED_FIELDS, SessionStore, valid_token
+from .sessions import RESERVED_FIELDS, Session, SessionStore, valid_token
 from .upstream import Upstream, upstream_url
 from .websocket import is_websocket, proxy_websocket
 
@@ -179,11 +179,11 @@ class Gateway:
     ) -> web.StreamResponse:
         ctx = RequestContext(request=request, route=route, request_id=rid)
         set_cookies: list[str] = []
+        plugins = self.chain.for_route(route)
         if route.session != "none":
-            early = await self._resolve_session(ctx, set_cookies)
+            early = await self._resolve_session(ctx, plugins, set_cookies)
             if early is not None:
                 return early
-        plugins = self.chain.for_route(route)
         answer: web.StreamResponse | None = None
         for p in plugins:
             ok, result = await self.chain.guarded(p, p.request, ctx)
@@ -226,7 +226,7 @@ class Gateway:
             raise RedisUnavailable(op) from e
 
     async def _resolve_session(
-        self, ctx: RequestContext, set_cookies: list[str]
+        self, ctx: RequestContext, plugins: list[Plugin], set_cookies: list[str]
     ) -> web.StreamResponse | None:
         request, route = ctx.request, ctx.route
         values = parse_cookie_values(request.headers.getall("Cookie", ()), self.cookie.name)
@@ -236,7 +236,7 @@ class Gateway:
         stale = bool(values)
         if token is not None:
             try:
-                ctx.session = await self._call_redis("load", self.store.load(token), bounded=False)
+                ctx.session = await self._load(ctx, token, plugins)
             except RedisUnavailable:
                 ctx.redis_ok = False
                 if route.on_redis_error == "closed":
@@ -261,6 +261,29 @@ class Gateway:
         if ctx.session is None and route.session == "required":
             return self._unauthenticated(request, route, set_cookies)
         return None
+
+    async def _load(self, ctx: RequestContext, token: str, plugins: list[Plugin]) -> Session | None:
+        """The session, with the plugins' prefetch reads in the same pipeline."""
+        takers = [p for p in plugins if type(p).prefetch is not Plugin.prefetch]
+        spans: list[tuple[str, int]] = []
+
+        def prefetch(key_id: str) -> tuple[tuple[str, ...], ...]:
+            commands: list[tuple[str, ...]] = []
+            for p in takers:
+                mine = p.prefetch(ctx.route, key_id)
+                spans.append((p.name, len(mine)))
+                commands.extend(mine)
+            return tuple(commands)
+
+        session, results = await self._call_redis(
+            "load", self.store.load(token, prefetch if takers else None), bounded=False
+        )
+        if session is not None:
+            i = 0
+            for name, n in spans:
+                ctx.prefetched[name] = results[i : i + n]
+                i += n
+        return session
 
     def _unauthenticated(
         self, request: web.Request, route: RouteSettings, set_cookies: list[str]

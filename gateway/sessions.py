@@ -11,13 +11,14 @@ import hashlib
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from redis.asyncio import Redis
 
 from . import metrics
-from .batching import BatchedReader
+from .batching import BatchedReader, Command
 from .config import SessionSettings
 
 _WRITES = metrics.REDIS_COMMANDS.labels("session_write")
@@ -136,10 +137,14 @@ class SessionStore:
             deadline=deadline,
         )
 
-    async def load(self, token: str) -> Session | None:
-        """Within redis.timeout (the batch enforces it)."""
+    async def load(
+        self, token: str, prefetch: Callable[[str], tuple[Command, ...]] | None = None
+    ) -> tuple[Session | None, list[Any]]:
+        """The session, and the results of the commands ``prefetch(key_id)`` names, read
+        in the same pipeline. Within redis.timeout (the batch enforces it)."""
         key_id = self.keys.key_id(token)
-        fields = await self.reader.hgetall(self.keys.session(key_id))
+        extra = prefetch(key_id) if prefetch is not None else ()
+        fields, others = await self.reader.hgetall(self.keys.session(key_id), extra)
         now = time.time()
         session = self.from_fields(token, fields, now, key_id)
         if session is not None and "login_time" not in fields:
@@ -149,7 +154,7 @@ class SessionStore:
                 _WRITES.inc()
                 await self.redis.hsetnx(self.keys.session(key_id), "login_time", _ts(now))
             session.fields["login_time"] = _ts(now)
-        return session
+        return session, others
 
     def new_guest(self) -> Session:
         token = new_token()
