@@ -23,6 +23,7 @@ from .conftest import (
     free_port,
     login,
     raw_request,
+    start_backend,
     status_of,
 )
 
@@ -248,13 +249,7 @@ async def test_round_robin_ejection_and_retry(
             hits[name] += 1
             return web.Response(text=name)
 
-        app = web.Application()
-        app.router.add_route("*", "/{t:.*}", h)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        servers.append((runner, f"http://127.0.0.1:{port}"))
+        servers.append(await start_backend(h))
     dead = f"http://127.0.0.1:{free_port()}"
     cfg = base_config(redis_server.url, servers[0][1])
     cfg["upstreams"]["app"]["servers"] = [servers[0][1], dead, servers[1][1]]
