@@ -115,7 +115,7 @@ class Plugin:
     async def shutdown(self) -> None:
         """Called once after the last request has finished."""
 
-    def prefetch(self, route: RouteSettings, key_id: str) -> tuple[tuple[str, ...], ...]:
+    def prefetch(self, ctx: RequestContext, key_id: str) -> tuple[tuple[str, ...], ...]:
         """Redis read commands about the session with this key id, sent in the same
         pipeline as the session lookup, so they cost no round trip of their own.
 

@@ -270,7 +270,7 @@ class Gateway:
         def prefetch(key_id: str) -> tuple[tuple[str, ...], ...]:
             commands: list[tuple[str, ...]] = []
             for p in takers:
-                mine = p.prefetch(ctx.route, key_id)
+                mine = p.prefetch(ctx, key_id)
                 spans.append((p.name, len(mine)))
                 commands.extend(mine)
             return tuple(commands)

@@ -29,7 +29,6 @@ from prometheus_client import Counter
 from pydantic import Field
 from redis.exceptions import RedisError
 
-from gateway.config import RouteSettings
 from gateway.plugin import CartInstruction, Plugin, PluginConfig, RequestContext
 from gateway.sessions import Session
 
@@ -303,7 +302,7 @@ class Cart(Plugin):
 
     # -- towards the backend ------------------------------------------------------------
 
-    def prefetch(self, route: RouteSettings, key_id: str) -> tuple[tuple[str, ...], ...]:
+    def prefetch(self, ctx: RequestContext, key_id: str) -> tuple[tuple[str, ...], ...]:
         # The cart rides along with the session lookup: no round trip of its own.
         return (("HGETALL", self.services.keys.cart(key_id)),)
 
