@@ -10,11 +10,11 @@ import signal
 import sys
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from . import logs
 from .app import REDIS, build_admin_app, build_app, server_kwargs
 from .config import ConfigError, Settings, load_settings, split_host_port
+from .errors import REDIS_FAILURES
 from .plugin import validate_plugins
 
 log = logging.getLogger("gateway")
@@ -49,7 +49,7 @@ async def serve(settings: Settings, worker: int | None = None) -> None:
     await runner.setup()
     try:
         await runner.app[REDIS].ping()
-    except (RedisError, OSError, TimeoutError) as e:
+    except REDIS_FAILURES as e:
         log.warning("redis not reachable at start (%s); routes follow on_redis_error", e)
     host, port = split_host_port(settings.listen)
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=worker is not None)

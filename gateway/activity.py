@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from . import metrics
 from .config import ActivitySettings
+from .errors import REDIS_FAILURES
 
 log = logging.getLogger("gateway.activity")
 
@@ -163,7 +164,7 @@ class ActivityWriter:
             try:
                 async with asyncio.timeout(self.settings.flush_timeout):
                     await self._send(batch)
-            except (RedisError, OSError, TimeoutError) as e:
+            except REDIS_FAILURES as e:
                 metrics.ACTIVITY_FLUSHES.labels("error").inc()
                 metrics.REDIS_ERRORS.labels("activity").inc()
                 log.warning(

@@ -13,10 +13,10 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import RedisError
 
 from .activity import ActivityWriter
 from .config import Settings
+from .errors import REDIS_FAILURES
 from .plugin import Services, build_chain
 from .proxy import Gateway
 from .sessions import Keys, SessionStore
@@ -137,7 +137,7 @@ async def _healthz(request: web.Request) -> web.Response:
     started = time.perf_counter()
     try:
         await gw_app[REDIS].ping()
-    except (RedisError, OSError, TimeoutError) as e:
+    except REDIS_FAILURES as e:
         return web.json_response({"status": "degraded", "redis": str(e)}, status=503)
     ms = (time.perf_counter() - started) * 1000
     pending = gw_app[ACTIVITY].pending_count()

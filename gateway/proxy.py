@@ -15,10 +15,10 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from redis.exceptions import RedisError
 
 from . import metrics
 from .config import RouteSettings, Settings
+from .errors import REDIS_FAILURES, RedisUnavailable
 from .headers import (
     FIELD_NAME_RE,
     GATEWAY_REQUEST_HEADERS,
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.proxy")
 T = TypeVar("T")
 
-REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # read whole and sent with the headers; larger bodies stream
@@ -66,10 +65,6 @@ _rid_counter = itertools.count(1)
 
 def _new_request_id() -> str:
     return f"{_RID_PREFIX}{next(_rid_counter):016x}"
-
-
-class RedisUnavailable(Exception):
-    """Redis did not answer within its timeout."""
 
 
 class Gateway:

@@ -12,7 +12,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -85,7 +85,6 @@ class Session:
     fields: dict[str, str]
     deadline: float  # absolute expiry (epoch seconds)
     new: bool = False  # a guest created by this request: it has no cart or history yet
-    changed: dict[str, str] = field(default_factory=dict)
 
     @property
     def authenticated(self) -> bool:

@@ -27,8 +27,8 @@ from typing import Any, cast
 from aiohttp import web
 from prometheus_client import Counter
 from pydantic import Field
-from redis.exceptions import RedisError
 
+from gateway.errors import REDIS_FAILURES
 from gateway.plugin import CartInstruction, Plugin, PluginConfig, RequestContext
 from gateway.sessions import Session
 
@@ -44,7 +44,6 @@ PRICE_RE = re.compile(r"([0-9]{1,9})(?:\.([0-9]{1,2}))?")
 QTY_RE = re.compile(r"[0-9]{1,4}")
 MAX_QTY = 9999
 MAX_TOTAL_CENTS = 10**15  # 10 trillion in major units; exact in a double (< 2^53)
-REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 
 # Shared Lua: parse "<sku>|<qty>|<price>" into integer cents (a leading "$", as in the
 # case study's sample data, is tolerated on read) and format cents back to "123.45".

@@ -32,15 +32,14 @@ from multidict import CIMultiDict
 from prometheus_client import Counter
 from pydantic import Field, field_validator
 from redis.client import NEVER_DECODE
-from redis.exceptions import RedisError
 
+from gateway.errors import REDIS_FAILURES
 from gateway.plugin import Plugin, PluginConfig, RequestContext, ResponseHead
 from plugins.viewed_items import item_pattern
 
 log = logging.getLogger("plugins.page_cache")
 
 CACHE = Counter("gateway_page_cache_total", "Page cache lookups and stores", ["outcome"])
-REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 STATE = "page_cache"
 _UNCACHEABLE_VARY = frozenset({"cookie", "authorization", "proxy-authorization"})
 VARY_MEMO = 10_000  # URLs whose Vary names are remembered in-process

@@ -27,8 +27,8 @@ from typing import Literal, cast
 from aiohttp import web
 from prometheus_client import Counter
 from pydantic import Field
-from redis.exceptions import RedisError
 
+from gateway.errors import REDIS_FAILURES
 from gateway.plugin import Plugin, PluginConfig, RequestContext, ResponseHead
 
 log = logging.getLogger("plugins.rate_limit")
@@ -36,7 +36,6 @@ log = logging.getLogger("plugins.rate_limit")
 RATE_LIMITED = Counter(
     "gateway_rate_limit_total", "Rate limit decisions", ["outcome"]
 )  # outcome: allowed, limited, redis-error-allowed, redis-error-denied
-REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 
 # KEYS[1] = the client's log; ARGV = limit, window (ms), unique member suffix
 # Returns {allowed (0/1), remaining, milliseconds until the oldest entry leaves}.

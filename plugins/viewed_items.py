@@ -25,15 +25,14 @@ from urllib.parse import quote
 from aiohttp import web
 from prometheus_client import Counter
 from pydantic import Field, field_validator
-from redis.exceptions import RedisError
 
+from gateway.errors import REDIS_FAILURES
 from gateway.plugin import Plugin, PluginConfig, RequestContext, ResponseHead
 from gateway.sessions import Session
 
 log = logging.getLogger("plugins.viewed_items")
 
 VIEWS = Counter("gateway_viewed_items_total", "Item views by outcome", ["outcome"])
-REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 
 
 def item_pattern(pattern: str) -> re.Pattern[str]:
