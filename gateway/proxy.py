@@ -24,7 +24,6 @@ from .headers import (
     GATEWAY_REQUEST_HEADERS,
     REQUEST_ID_RE,
     SPOOFABLE_REQUEST_HEADERS,
-    connection_tokens,
     encode_value,
     header_name_for,
     normalized,
@@ -48,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.proxy")
 T = TypeVar("T")
 
+_UPSTREAM_DROP = GATEWAY_REQUEST_HEADERS | SPOOFABLE_REQUEST_HEADERS | {"host"}
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # read whole and sent with the headers; larger bodies stream
@@ -84,6 +84,7 @@ class Gateway:
         self.router = Router(settings.routes)
         self.upstreams = {n: Upstream(n, u) for n, u in settings.upstreams.items()}
         self.cookie = settings.session.cookie
+        self._cookie_tail, self._cookie_expired = _cookie_strings(settings)
         self.redis_timeout = settings.redis.timeout
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
         self._background: set[asyncio.Task[tuple[bool, object]]] = set()
@@ -313,12 +314,10 @@ class Gateway:
 
     def upstream_headers(self, ctx: RequestContext) -> CIMultiDict[str]:
         request = ctx.request
-        headers = strip_headers(
-            request.headers,
-            drop=GATEWAY_REQUEST_HEADERS | SPOOFABLE_REQUEST_HEADERS | {"host", "cookie"},
-        )
-        cookies = request.headers.getall("Cookie", ())
-        if cookies and "cookie" not in connection_tokens(request.headers):
+        headers = strip_headers(request.headers, drop=_UPSTREAM_DROP)
+        # A Cookie header is still here only if the client did not list it in Connection.
+        cookies = headers.popall("Cookie", [])
+        if cookies:
             kept = (
                 "; ".join(cookies)
                 if self.cookie.forward
@@ -657,29 +656,11 @@ class Gateway:
 
     # -- cookies -------------------------------------------------------------------------
 
-    def _cookie_attrs(self) -> str:
-        c = self.cookie
-        parts = [f"Path={c.path}"]
-        if c.domain:
-            parts.append(f"Domain={c.domain}")
-        if c.http_only:
-            parts.append("HttpOnly")
-        if c.secure:
-            parts.append("Secure")
-        parts.append(f"SameSite={c.same_site}")
-        return "; ".join(parts)
-
     def _cookie(self, token: str) -> str:
-        return (
-            f"{self.cookie.name}={token}; Max-Age={self.settings.session.absolute_ttl}; "
-            + self._cookie_attrs()
-        )
+        return f"{self.cookie.name}={token}{self._cookie_tail}"
 
     def _expired_cookie(self) -> str:
-        return (
-            f"{self.cookie.name}=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; "
-            + self._cookie_attrs()
-        )
+        return self._cookie_expired
 
 
 class UpstreamFailure(Exception):
@@ -706,6 +687,25 @@ class _Body:
         if not chunk:
             raise StopAsyncIteration
         return chunk
+
+
+def _cookie_strings(settings: Settings) -> tuple[str, str]:
+    """What follows ``name=<token>`` in a session cookie, and the whole expiring cookie;
+    both fixed by the config, so built once."""
+    c = settings.session.cookie
+    attrs = [f"Path={c.path}"]
+    if c.domain:
+        attrs.append(f"Domain={c.domain}")
+    if c.http_only:
+        attrs.append("HttpOnly")
+    if c.secure:
+        attrs.append("Secure")
+    attrs.append(f"SameSite={c.same_site}")
+    tail = "; ".join(attrs)
+    return (
+        f"; Max-Age={settings.session.absolute_ttl}; {tail}",
+        f"{c.name}=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; {tail}",
+    )
 
 
 def _unavailable() -> web.Response:
