@@ -35,7 +35,7 @@ from .headers import (
 from .instructions import collect, dropped
 from .logs import request_id_var
 from .plugin import CartInstruction, Chain, Plugin, RequestContext, ResponseHead
-from .responses import text_response
+from .responses import text_response, unavailable
 from .routing import Router
 from .sessions import RESERVED_FIELDS, Session, SessionStore, valid_token
 from .upstream import Upstream, upstream_url
@@ -184,7 +184,7 @@ class Gateway:
         for p in plugins:
             ok, result = await self.chain.guarded(p, p.request, ctx)
             if not ok:
-                return _with_cookies(_unavailable(), set_cookies)
+                return _with_cookies(unavailable(), set_cookies)
             if result is not None:
                 answer = result
                 break
@@ -236,7 +236,7 @@ class Gateway:
             except RedisUnavailable:
                 ctx.redis_ok = False
                 if route.on_redis_error == "closed":
-                    return text_response(503, "session store unavailable", {"Retry-After": "5"})
+                    return unavailable("session store unavailable")
                 return None
             stale = ctx.session is None
         if ctx.session is None and route.guest and ctx.redis_ok:
@@ -248,7 +248,7 @@ class Gateway:
             except RedisUnavailable:
                 ctx.redis_ok = False
                 if route.on_redis_error == "closed":
-                    return text_response(503, "session store unavailable", {"Retry-After": "5"})
+                    return unavailable("session store unavailable")
             else:
                 ctx.session = guest
                 set_cookies.append(self._cookie(guest.token))
@@ -427,7 +427,7 @@ class Gateway:
             await self._apply_instructions(ctx, upstream_resp.headers, plugins, set_cookies)
         except RedisUnavailable:
             return _with_cookies(
-                text_response(503, "session store unavailable; try again", {"Retry-After": "5"}),
+                unavailable("session store unavailable; try again"),
                 set_cookies,
             )
         headers = strip_headers(upstream_resp.headers)
@@ -447,7 +447,7 @@ class Gateway:
         for p in plugins:
             ok, _ = await self.chain.guarded(p, p.response, ctx, head)
             if not ok:
-                return _with_cookies(_unavailable(), set_cookies)
+                return _with_cookies(unavailable(), set_cookies)
         self.record_activity(ctx)
         length = upstream_resp.content_length
         if (
@@ -526,7 +526,7 @@ class Gateway:
             for p in plugins:
                 ok, _ = await self.chain.guarded(p, p.response, ctx, head)
                 if not ok:
-                    return _with_cookies(_unavailable(), set_cookies)
+                    return _with_cookies(unavailable(), set_cookies)
             answer.set_status(head.status)
             answer.headers.clear()
             answer.headers.update(head.headers)
@@ -706,10 +706,6 @@ def _cookie_strings(settings: Settings) -> tuple[str, str]:
         f"; Max-Age={settings.session.absolute_ttl}; {tail}",
         f"{c.name}=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; {tail}",
     )
-
-
-def _unavailable() -> web.Response:
-    return text_response(503, "service unavailable", {"Retry-After": "5"})
 
 
 def _with_cookies(resp: web.Response, set_cookies: list[str]) -> web.Response:

@@ -30,6 +30,7 @@ from pydantic import Field
 
 from gateway.errors import REDIS_FAILURES
 from gateway.plugin import Plugin, PluginConfig, RequestContext, ResponseHead
+from gateway.responses import unavailable
 
 log = logging.getLogger("plugins.rate_limit")
 
@@ -143,9 +144,7 @@ class RateLimit(Plugin):
                 return None
             RATE_LIMITED.labels("redis-error-denied").inc()
             log.warning("rate limit denied, redis failed: %s: %s", type(e).__name__, e)
-            return web.Response(
-                status=503, text="rate limiter unavailable\n", headers={"Retry-After": "5"}
-            )
+            return unavailable("rate limiter unavailable")
         d = Decision(bool(res[0]), max(0, int(res[1])), max(1, math.ceil(int(res[2]) / 1000)))
         ctx.state["rate_limit"] = d
         if d.allowed:
