@@ -34,9 +34,10 @@ def make_app() -> web.Application:
     return app
 
 
-async def serve(port: int) -> None:
+async def serve_forever(app: web.Application, port: int) -> None:
+    """Serve ``app`` on 127.0.0.1:``port`` until killed (every bench server runs so)."""
     # access_log=None: logging every request would cost more than answering it.
-    runner = web.AppRunner(make_app(), access_log=None)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
     await asyncio.Event().wait()
@@ -45,7 +46,7 @@ async def serve(port: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--port", type=int, required=True)
-    uvloop.run(serve(ap.parse_args().port))
+    uvloop.run(serve_forever(make_app(), ap.parse_args().port))
 
 
 if __name__ == "__main__":

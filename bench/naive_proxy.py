@@ -12,7 +12,6 @@ Run as `python -m bench.naive_proxy --port P --upstream http://127.0.0.1:B --red
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +20,8 @@ import aiohttp
 import redis.asyncio as aioredis
 import uvloop
 from aiohttp import web
+
+from bench.backend import serve_forever
 
 HOP_BY_HOP = frozenset(
     {
@@ -82,20 +83,13 @@ def make_app(upstream: str, redis_url: str) -> web.Application:
     return app
 
 
-async def serve(port: int, upstream: str, redis_url: str) -> None:
-    runner = web.AppRunner(make_app(upstream, redis_url), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
-    await asyncio.Event().wait()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--upstream", required=True)
     ap.add_argument("--redis", required=True)
     a = ap.parse_args()
-    uvloop.run(serve(a.port, a.upstream, a.redis))
+    uvloop.run(serve_forever(make_app(a.upstream, a.redis), a.port))
 
 
 if __name__ == "__main__":
