@@ -73,17 +73,6 @@ async def _supervise(settings: Settings, argv: list[str], workers: int) -> int:
 
 
 def supervise(settings: Settings, workers: int, argv: list[str]) -> int:
-    # The children re-read the same file; --workers is dropped so they don't recurse.
-    clean: list[str] = []
-    skip = False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--workers":
-            skip = True
-            continue
-        if a.startswith("--workers="):
-            continue
-        clean.append(a)
-    return asyncio.run(_supervise(settings, clean, workers))
+    # The children get the same arguments (and re-read the same file); --worker-index
+    # makes each one serve instead of supervising again.
+    return asyncio.run(_supervise(settings, argv, workers))
