@@ -76,6 +76,7 @@ async def _core_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ACTIVITY] = activity
     services = Services(settings, redis, keys, store, activity, settings.redis.timeout)
     chain = build_chain(settings, services)
+    # For WebSocket upgrades only: plain requests use the lean pools in upstream_client.
     client = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(
             limit=sum(u.max_connections for u in settings.upstreams.values()),
@@ -95,6 +96,7 @@ async def _core_ctx(app: web.Application) -> AsyncIterator[None]:
         app[GATEWAY] = gw
         yield
         await gw.drain_background(5.0)
+        gw.close_upstreams()
     finally:
         for p in reversed(started):
             try:

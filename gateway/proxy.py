@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import metrics
@@ -38,7 +39,8 @@ from .plugin import CartInstruction, Chain, Plugin, RequestContext, ResponseHead
 from .responses import text_response, unavailable
 from .routing import Router
 from .sessions import RESERVED_FIELDS, Session, SessionStore, valid_token
-from .upstream import Upstream, upstream_url
+from .upstream import Upstream, upstream_target
+from .upstream_client import ConnectFailed, UpstreamResponse
 from .websocket import is_websocket, proxy_websocket
 
 if TYPE_CHECKING:
@@ -74,13 +76,14 @@ class Gateway:
         store: SessionStore,
         activity: ActivityWriter,
         chain: Chain,
-        client: aiohttp.ClientSession,
+        ws_client: aiohttp.ClientSession,
     ) -> None:
         self.settings = settings
         self.store = store
         self.activity = activity
         self.chain = chain
-        self.client = client
+        # WebSocket upgrades only; plain HTTP goes through the upstreams' pools.
+        self.client = ws_client
         self.router = Router(settings.routes)
         self.upstreams = {n: Upstream(n, u) for n, u in settings.upstreams.items()}
         self.cookie = settings.session.cookie
@@ -88,17 +91,6 @@ class Gateway:
         self.redis_timeout = settings.redis.timeout
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
         self._background: set[asyncio.Task[tuple[bool, object]]] = set()
-        self._timeouts = {
-            # connect= also bounds the wait for a free pooled connection, which would
-            # otherwise be unbounded when max_connections are all busy.
-            n: aiohttp.ClientTimeout(
-                total=None,
-                connect=u.connect_timeout,
-                sock_connect=u.connect_timeout,
-                sock_read=u.read_timeout,
-            )
-            for n, u in settings.upstreams.items()
-        }
 
     # -- entry point ---------------------------------------------------------------------
 
@@ -365,22 +357,17 @@ class Gateway:
         upstream: Upstream,
         headers: CIMultiDict[str],
         name: str,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         body = _Body(request) if request.body_exists else None
+        target = upstream_target(request)
+        read_timeout = upstream.settings.read_timeout
         last_error = ""
         for server in upstream.candidates():
-            url = upstream_url(server, request)
             try:
-                resp = await self.client.request(
-                    request.method,
-                    url,
-                    headers=headers,
-                    data=body,
-                    allow_redirects=False,
-                    timeout=self._timeouts[name],
-                    auto_decompress=False,
+                resp = await upstream.pools[server].request(
+                    request.method, target, headers, body, read_timeout
                 )
-            except aiohttp.ClientConnectorError as e:
+            except ConnectFailed as e:
                 # The connection was refused, so the request never left: the next
                 # server may take it, whatever the method, as long as no byte of the
                 # client's body has been consumed.
@@ -390,7 +377,14 @@ class Gateway:
                 if body is None or not body.started:
                     continue
                 raise UpstreamFailure(502, "bad gateway: upstream refused the connection") from None
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            except TimeoutError:
+                # A connect or a wait for a free pooled connection (PoolTimeout), or no
+                # answer within read_timeout (aiohttp's SocketTimeoutError).
+                metrics.UPSTREAM_ERRORS.labels("timeout").inc()
+                raise UpstreamFailure(
+                    504, "gateway timeout: upstream did not answer in time"
+                ) from None
+            except (aiohttp.ServerDisconnectedError, OSError) as e:
                 # Sent, but the server dropped the connection without an answer. Only an
                 # idempotent request without a body may be tried again elsewhere.
                 metrics.UPSTREAM_ERRORS.labels("disconnect").inc()
@@ -399,12 +393,7 @@ class Gateway:
                     log.warning("upstream %s %s dropped the connection; retrying", name, server)
                     continue
                 raise UpstreamFailure(502, "bad gateway: upstream closed the connection") from None
-            except (TimeoutError, aiohttp.ServerTimeoutError):
-                metrics.UPSTREAM_ERRORS.labels("timeout").inc()
-                raise UpstreamFailure(
-                    504, "gateway timeout: upstream did not answer in time"
-                ) from None
-            except aiohttp.ClientError as e:
+            except (aiohttp.ClientError, HttpProcessingError) as e:
                 metrics.UPSTREAM_ERRORS.labels("protocol").inc()
                 log.warning("upstream %s %s: %s: %s", name, server, type(e).__name__, e)
                 raise UpstreamFailure(502, "bad gateway: invalid upstream response") from None
@@ -419,7 +408,7 @@ class Gateway:
         self,
         ctx: RequestContext,
         plugins: list[Plugin],
-        upstream_resp: aiohttp.ClientResponse,
+        upstream_resp: UpstreamResponse,
         set_cookies: list[str],
     ) -> web.StreamResponse:
         request = ctx.request
@@ -488,7 +477,7 @@ class Gateway:
         self,
         ctx: RequestContext,
         plugins: list[Plugin],
-        upstream_resp: aiohttp.ClientResponse,
+        upstream_resp: UpstreamResponse,
         head: ResponseHead,
     ) -> web.StreamResponse:
         """A body of known, small size is read first and sent with the headers in one
@@ -556,6 +545,10 @@ class Gateway:
             )
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    def close_upstreams(self) -> None:
+        for u in self.upstreams.values():
+            u.close()
 
     async def drain_background(self, seconds: float) -> None:
         if self._background:

@@ -17,6 +17,7 @@ from yarl import URL
 
 from . import metrics
 from .config import UpstreamSettings
+from .upstream_client import Pool
 
 log = logging.getLogger("gateway.upstream")
 
@@ -26,6 +27,9 @@ class Upstream:
         self.name = name
         self.settings = settings
         self.servers = [URL(s) for s in settings.servers]
+        self.pools = {
+            s: Pool(s, settings.max_connections, settings.connect_timeout) for s in self.servers
+        }
         self._rr = itertools.cycle(range(len(self.servers)))
         self._ejected_until = [0.0] * len(self.servers)
 
@@ -61,15 +65,24 @@ class Upstream:
         if self._ejected_until[i]:
             self._ejected_until[i] = 0.0
 
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
 
-def upstream_url(server: URL, request: web.Request) -> URL:
-    """The upstream URL: the server plus the request's path and query, byte for byte.
 
-    SECURITY: concatenated, never ``server.join(...)``: an absolute-form target
-    (``GET http://evil/ HTTP/1.1``) or a path starting with ``//`` would otherwise pick
-    the host the gateway connects to.
+def upstream_target(request: web.Request) -> str:
+    """The request target sent upstream: the request's path and query, byte for byte.
+
+    SECURITY: always origin-form. An absolute-form target (``GET http://evil/ HTTP/1.1``)
+    is reduced to its path, so it can never pick the host the gateway connects to.
     """
     raw = request.raw_path
     if not raw.startswith("/"):
         raw = request.rel_url.raw_path_qs
-    return URL(f"{server}{raw}", encoded=True)
+    return raw
+
+
+def upstream_url(server: URL, request: web.Request) -> URL:
+    """The server plus the request target, concatenated (never ``server.join(...)``,
+    which a path starting with ``//`` would turn into another host)."""
+    return URL(f"{server}{upstream_target(request)}", encoded=True)

@@ -1,0 +1,232 @@
+"""A lean HTTP/1.1 client for the proxy path, built from aiohttp's own parts.
+
+Why not ``aiohttp.ClientSession``: under load, the profile put ~40 % of the gateway's
+time in ``ClientSession._request`` (URL objects, ClientRequest/ClientResponse, auto
+headers, tracing hooks, cookie jars, redirect logic) — machinery a reverse proxy does not
+use. Here the parts that matter are still aiohttp's: the protocol and C response parser
+(``client_proto.ResponseHandler``: keep-alive, chunked/length framing, read timeouts,
+payload flow control), its header serializer (rejects control characters, i.e. header
+injection) and ``StreamWriter`` for request bodies. What is ours is only the pooling and
+the request head. Measured on the benchmark machine, a minimal proxy built on these
+parts used half the CPU per request of the same proxy on ``ClientSession``.
+
+WebSocket upgrades still go through ``ClientSession.ws_connect`` (websocket.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp.client_exceptions import ServerDisconnectedError
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_writer import StreamWriter, _serialize_headers
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+# An idle pooled connection older than this is closed rather than reused: backends close
+# idle keep-alive connections on their own schedule (often 5-75 s), and reusing one they
+# are about to close is the classic "server disconnected" race on the next request.
+KEEPALIVE_SECONDS = 15.0
+_BODYLESS_OK = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
+
+
+class ConnectFailed(OSError):
+    """No connection could be opened: nothing was sent, so any request may go elsewhere."""
+
+
+class PoolTimeout(TimeoutError):
+    """Neither a pooled connection came free nor a new one connected in time."""
+
+
+class UpstreamResponse:
+    """Status, headers and a streaming body of one upstream answer."""
+
+    __slots__ = ("_pool", "_proto", "content", "content_length", "headers", "reason", "status")
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        headers: CIMultiDictProxy[str],
+        content: StreamReader,
+        pool: Pool,
+        proto: ResponseHandler,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.content = content
+        cl = headers.get("Content-Length")
+        self.content_length = int(cl) if cl is not None and cl.isdigit() else None
+        self._pool: Pool | None = pool
+        self._proto = proto
+
+    async def read(self) -> bytes:
+        return await self.content.read()
+
+    def release(self) -> None:
+        """Give the connection back (kept alive only if the body was read to its end)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.put(self._proto, reusable=self.content.is_eof())
+
+
+class Pool:
+    """Keep-alive connections to one server, at most ``limit`` open at once."""
+
+    def __init__(self, server: URL, limit: int, connect_timeout: float) -> None:
+        self.host = server.raw_host or ""
+        self.port = server.port or (443 if server.scheme == "https" else 80)
+        self.ssl: ssl.SSLContext | None = (
+            ssl.create_default_context() if server.scheme == "https" else None
+        )
+        default = 443 if server.scheme == "https" else 80
+        self.host_header = self.host if self.port == default else f"{self.host}:{self.port}"
+        self.limit = limit
+        self.connect_timeout = connect_timeout
+        self._idle: collections.deque[tuple[ResponseHandler, float]] = collections.deque()
+        self._open = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._closed = False
+
+    async def get(self) -> ResponseHandler:
+        idle = self._idle
+        now = time.monotonic()
+        while idle:
+            proto, since = idle.pop()
+            if proto.is_connected() and now - since < KEEPALIVE_SECONDS:
+                return proto
+            self._drop(proto)
+        if self._open >= self.limit:
+            # connect_timeout also bounds this wait: with every connection busy, the
+            # client gets a timely 504 instead of queueing without end.
+            async with asyncio.timeout(self.connect_timeout):
+                while self._open >= self.limit:
+                    waiter = asyncio.get_running_loop().create_future()
+                    self._waiters.append(waiter)
+                    try:
+                        await waiter
+                    finally:
+                        if waiter in self._waiters:
+                            self._waiters.remove(waiter)
+                    while idle:
+                        proto, since = idle.pop()
+                        if proto.is_connected() and time.monotonic() - since < KEEPALIVE_SECONDS:
+                            return proto
+                        self._drop(proto)
+        self._open += 1
+        try:
+            return await self._connect()
+        except BaseException:
+            self._open -= 1
+            self._wake()
+            raise
+
+    async def _connect(self) -> ResponseHandler:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, proto = await loop.create_connection(
+                    lambda: ResponseHandler(loop),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.host if self.ssl else None,
+                )
+        except TimeoutError:
+            raise PoolTimeout(f"connect to {self.host}:{self.port} timed out") from None
+        except OSError as e:
+            raise ConnectFailed(e.errno, f"cannot connect to {self.host}:{self.port}: {e}") from e
+        return proto
+
+    def put(self, proto: ResponseHandler, reusable: bool) -> None:
+        if reusable and not self._closed and proto.is_connected() and not proto.should_close:
+            self._idle.append((proto, time.monotonic()))
+        else:
+            proto.close()
+            self._open -= 1
+        self._wake()
+
+    def _drop(self, proto: ResponseHandler) -> None:
+        proto.close()
+        self._open -= 1
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: AsyncIterator[bytes] | None,
+        read_timeout: float,
+    ) -> UpstreamResponse:
+        """Send and return once the response head arrived. Raises ConnectFailed or
+        PoolTimeout (nothing was sent), ServerDisconnectedError or ClientOSError (sent,
+        no answer), SocketTimeoutError, HttpProcessingError (an invalid answer)."""
+        proto = await self.get()
+        try:
+            return await _exchange(self, proto, method, target, headers, body, read_timeout)
+        except BaseException:
+            self.put(proto, reusable=False)
+            raise
+
+    def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            self._drop(self._idle.pop()[0])
+
+
+async def _exchange(
+    pool: Pool,
+    proto: ResponseHandler,
+    method: str,
+    target: str,
+    headers: CIMultiDict[str],
+    body: AsyncIterator[bytes] | None,
+    read_timeout: float,
+) -> UpstreamResponse:
+    proto.set_response_params(
+        skip_payload=method == "HEAD",
+        read_until_eof=True,
+        auto_decompress=False,
+        read_timeout=read_timeout,
+    )
+    headers["Host"] = pool.host_header
+    # The gateway answered the client's Expect itself; the body follows at once.
+    headers.popall("Expect", None)
+    transport = proto.transport
+    if transport is None:
+        raise ServerDisconnectedError()
+    status_line = f"{method} {target} HTTP/1.1"
+    if body is None:
+        if method not in _BODYLESS_OK:
+            headers["Content-Length"] = "0"
+        transport.write(_serialize_headers(status_line, headers))
+    else:
+        writer = StreamWriter(proto, asyncio.get_running_loop())
+        if "Content-Length" not in headers:
+            headers["Transfer-Encoding"] = "chunked"
+            writer.enable_chunking()
+        await writer.write_headers(status_line, headers)
+        async for chunk in body:
+            await writer.write(chunk)
+        await writer.write_eof()
+    # Like aiohttp: the read timeout runs from the end of the request, not during upload.
+    proto.start_timeout()
+    while True:
+        message, payload = await proto.read()
+        # 1xx interim answers (100 Continue, 103 Early Hints) are not the response.
+        if message.code >= 200 or message.code < 100 or message.code == 101:
+            break
+    return UpstreamResponse(message.code, message.reason, message.headers, payload, pool, proto)

@@ -1,0 +1,220 @@
+"""The proxy's own upstream connection pool (gateway/upstream_client.py), against real
+servers: keep-alive reuse, a bounded wait when every connection is busy, connections the
+backend closed while idle, interim 1xx answers, and bodies framed every legal way."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+
+from .conftest import (
+    GatewayFactory,
+    RedisServer,
+    base_config,
+    raw_request,
+    start_backend,
+    status_of,
+)
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+RawBackend = Callable[[RawHandler], Awaitable[str]]
+
+
+@pytest.fixture
+async def raw_backend() -> AsyncIterator[RawBackend]:
+    """A backend that answers with bytes written by the test (shapes aiohttp won't send)."""
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: RawHandler) -> str:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for s in servers:
+        s.close()
+        await s.wait_closed()
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+async def test_connections_are_kept_alive_and_reused(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    peers: list[tuple[str, int]] = []
+
+    async def h(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername"))
+        return web.Response(text="ok")
+
+    runner, url = await start_backend(h)
+    try:
+        client = await make_gateway(base_config(redis_server.url, url))
+        for _ in range(20):
+            resp = await client.get("/static/x")
+            assert resp.status == 200 and await resp.text() == "ok"
+        assert len(peers) == 20
+        assert len(set(peers)) == 1, f"{len(set(peers))} upstream connections for 20 requests"
+    finally:
+        await runner.cleanup()
+
+
+async def test_every_connection_busy_is_a_timely_504_then_recovers(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    release = asyncio.Event()
+
+    async def h(request: web.Request) -> web.Response:
+        if request.path == "/static/slow":
+            await release.wait()
+        return web.Response(text=request.path)
+
+    runner, url = await start_backend(h)
+    try:
+        cfg = base_config(redis_server.url, url)
+        cfg["upstreams"]["app"].update(max_connections=1, connect_timeout=0.3)
+        client = await make_gateway(cfg)
+        slow = asyncio.create_task(client.get("/static/slow"))
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        waited = await client.get("/static/fast")
+        assert waited.status == 504, await waited.text()
+        assert time.monotonic() - t0 < 2.0
+        release.set()
+        assert (await slow).status == 200
+        # The one connection is free again and serves the next request.
+        again = await client.get("/static/fast")
+        assert again.status == 200 and await again.text() == "/static/fast"
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_connection_closed_by_the_backend_while_idle_is_not_reused(
+    make_gateway: GatewayFactory, redis_server: RedisServer, method: str
+) -> None:
+    async def h(request: web.Request) -> web.Response:
+        return web.Response(text=f"{request.method} {len(await request.read())}")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", h)
+    # The backend drops idle keep-alive connections after 0.2 s.
+    runner = web.AppRunner(app, keepalive_timeout=0.2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        client = await make_gateway(base_config(redis_server.url, f"http://127.0.0.1:{port}"))
+        for _ in range(3):
+            data = b"abc" if method == "POST" else None
+            resp = await client.request(method, "/static/x", data=data)
+            assert resp.status == 200, await resp.text()
+            assert await resp.text() == f"{method} {3 if method == 'POST' else 0}"
+            await asyncio.sleep(0.5)
+    finally:
+        await runner.cleanup()
+
+
+async def test_interim_1xx_answers_are_skipped(
+    make_gateway: GatewayFactory, redis_server: RedisServer, raw_backend: RawBackend
+) -> None:
+    async def h(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        writer.write(
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\nX-Real: yes\r\n\r\ndone"
+        )
+        await writer.drain()
+        writer.close()
+
+    url = await raw_backend(h)
+    client = await make_gateway(base_config(redis_server.url, url))
+    resp = await client.get("/static/x")
+    assert resp.status == 201
+    assert resp.headers["X-Real"] == "yes"
+    assert await resp.text() == "done"
+
+
+async def test_body_until_close_and_chunked_answers(
+    make_gateway: GatewayFactory, redis_server: RedisServer, raw_backend: RawBackend
+) -> None:
+    async def h(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await _read_head(reader)
+        if b" /static/eof " in head:
+            # HTTP/1.0-style: no length, the body ends when the connection closes.
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"x" * 100_000)
+        else:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+            )
+        await writer.drain()
+        writer.close()
+
+    url = await raw_backend(h)
+    client = await make_gateway(base_config(redis_server.url, url))
+    resp = await client.get("/static/eof")
+    assert resp.status == 200 and await resp.read() == b"x" * 100_000
+    resp = await client.get("/static/chunked")
+    assert resp.status == 200 and await resp.text() == "hello world"
+
+
+async def test_request_framing_towards_the_backend(
+    make_gateway: GatewayFactory, redis_server: RedisServer
+) -> None:
+    seen: list[dict[str, str | None]] = []
+
+    async def h(request: web.Request) -> web.Response:
+        body = await request.read()
+        seen.append(
+            {
+                "content-length": request.headers.get("Content-Length"),
+                "transfer-encoding": request.headers.get("Transfer-Encoding"),
+                "expect": request.headers.get("Expect"),
+                "host": request.headers.get("Host"),
+                "body": body.decode(),
+            }
+        )
+        return web.Response(text="ok")
+
+    runner, url = await start_backend(h)
+    try:
+        client = await make_gateway(base_config(redis_server.url, url))
+        port = client.server.port
+        assert port is not None
+        # A POST without a body still says so (some servers answer 411 otherwise).
+        assert (await client.post("/static/a")).status == 200
+        assert seen[-1]["content-length"] == "0" and seen[-1]["body"] == ""
+        # The gateway answered the client's Expect itself; the backend gets the body.
+        raw = await raw_request(
+            port,
+            b"POST /static/b HTTP/1.1\r\nHost: shop\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 5\r\nConnection: close\r\n\r\nhello",
+        )
+        if raw.startswith(b"HTTP/1.1 100"):
+            raw = raw.split(b"\r\n\r\n", 1)[1]
+        assert status_of(raw) == 200
+        assert seen[-1]["expect"] is None and seen[-1]["body"] == "hello"
+        assert seen[-1]["content-length"] == "5"
+        # A chunked upload stays chunked.
+        raw = await raw_request(
+            port,
+            b"POST /static/c HTTP/1.1\r\nHost: shop\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        assert status_of(raw) == 200
+        assert seen[-1]["transfer-encoding"] == "chunked" and seen[-1]["body"] == "abcde"
+        # Host is the upstream server's, as a proxy_pass with a host:port would send it.
+        assert seen[-1]["host"] == url.removeprefix("http://")
+    finally:
+        await runner.cleanup()
