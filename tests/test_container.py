@@ -136,8 +136,9 @@ def test_compose_has_the_case_study_topology() -> None:
 
     assert services["gateway"]["deploy"]["replicas"] == 2
 
-    replicas = [n for n, s in services.items() if "--replicaof redis-master 6379" in
-                command_text(s)]
+    replicas = [
+        n for n, s in services.items() if "--replicaof redis-master 6379" in command_text(s)
+    ]
     assert len(replicas) == 2, replicas
     sentinels = [n for n, s in services.items() if "redis-sentinel" in command_text(s)]
     assert len(sentinels) == 3, sentinels
@@ -168,9 +169,7 @@ def test_deploy_config_points_at_the_compose_services() -> None:
     assert config["upstreams"]["shop"]["servers"] == [f"http://shop:{port.group(1)}"]
     assert config["listen"].endswith(":8080")
     assert any(p.endswith(":8080") for p in services["gateway"]["ports"])
-    assert any(
-        (p if isinstance(p, str) else next(iter(p))) == "cart" for p in config["plugins"]
-    )
+    assert any((p if isinstance(p, str) else next(iter(p))) == "cart" for p in config["plugins"])
 
 
 def test_deploy_config_is_a_valid_gateway_config(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,9 +13,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_demo_walk_passes_end_to_end(tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "examples.fake_web_retailer.demo", "--once",
-         "--data-dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "examples.fake_web_retailer.demo",
+            "--once",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "All steps passed." in r.stdout

@@ -104,8 +104,14 @@ async def test_gateway_login_wrong_credentials_sends_no_instruction(
 
 @pytest.mark.parametrize(
     "next_path",
-    ["//evil.example/", "https://evil.example/", "/\\evil.example", "javascript:alert(1)",
-     "/ok\r\nSet-Cookie: x=1", ""],
+    [
+        "//evil.example/",
+        "https://evil.example/",
+        "/\\evil.example",
+        "javascript:alert(1)",
+        "/ok\r\nSet-Cookie: x=1",
+        "",
+    ],
 )
 async def test_login_redirects_only_to_same_site_paths(
     gateway_shop: Client, next_path: str
@@ -126,7 +132,9 @@ async def test_non_ascii_user_login_is_percent_encoded(gateway_shop: Client) -> 
     raw = resp.headers["X-Session-Login"]
     assert raw.isascii()
     assert instruction(raw) == {
-        "user_id": "1004", "username": "zoë", "email": "zoe+shop@example.com"
+        "user_id": "1004",
+        "username": "zoë",
+        "email": "zoe+shop@example.com",
     }
 
 
@@ -165,17 +173,21 @@ async def test_gateway_cart_instructions(gateway_shop: Client) -> None:
     )
     assert resp.status == 303 and resp.headers["Location"] == "/cart"
     assert instruction(resp.headers["X-Session-Cart-Add"]) == {
-        "sku": "laptop-123", "qty": "2", "price": "999.99"
+        "sku": "laptop-123",
+        "qty": "2",
+        "price": "999.99",
     }
 
-    resp = await gateway_shop.post("/cart/remove", data={"sku": "mouse-456"},
-                                   allow_redirects=False)
+    resp = await gateway_shop.post("/cart/remove", data={"sku": "mouse-456"}, allow_redirects=False)
     assert resp.headers["X-Session-Cart-Remove"] == "sku=mouse-456"
     resp = await gateway_shop.post("/cart/clear", allow_redirects=False)
     assert resp.headers["X-Session-Cart-Clear"] == "1"
 
-    for data, status in (({"sku": "no-such-sku"}, 404), ({"sku": "mouse-456", "qty": "0"}, 400),
-                         ({"sku": "mouse-456", "qty": "lots"}, 400)):
+    for data, status in (
+        ({"sku": "no-such-sku"}, 404),
+        ({"sku": "mouse-456", "qty": "0"}, 400),
+        ({"sku": "mouse-456", "qty": "lots"}, 400),
+    ):
         resp = await gateway_shop.post("/cart/add", data=data, allow_redirects=False)
         assert resp.status == status
         assert "X-Session-Cart-Add" not in resp.headers
@@ -183,15 +195,21 @@ async def test_gateway_cart_instructions(gateway_shop: Client) -> None:
 
 async def test_gateway_cart_page_renders_from_headers(gateway_shop: Client) -> None:
     contents = "laptop-123%7C2%7C999.99,mouse-456%7C1%7C29.99"  # fully percent-encoded
-    resp = await gateway_shop.get("/cart", headers={"X-Session-Cart-Contents": contents,
-                                                    "X-Session-Cart-Items": "3",
-                                                    "X-Session-Cart-Total": "2029.97"})
+    resp = await gateway_shop.get(
+        "/cart",
+        headers={
+            "X-Session-Cart-Contents": contents,
+            "X-Session-Cart-Items": "3",
+            "X-Session-Cart-Total": "2029.97",
+        },
+    )
     html = await resp.text()
     assert "UltraBook 14" in html and "Silent Mouse" in html
     assert "3 item(s), total <strong>$2,029.97</strong>" in html
 
-    resp = await gateway_shop.get("/cart", headers={"X-Session-Cart-Items": "5",
-                                                    "X-Session-Cart-Total": "149.95"})
+    resp = await gateway_shop.get(
+        "/cart", headers={"X-Session-Cart-Items": "5", "X-Session-Cart-Total": "149.95"}
+    )
     assert "5 item(s), total <strong>$149.95</strong>" in await resp.text()
 
     resp = await gateway_shop.get("/cart")
@@ -199,8 +217,9 @@ async def test_gateway_cart_page_renders_from_headers(gateway_shop: Client) -> N
 
 
 async def test_gateway_logout_instruction(gateway_shop: Client) -> None:
-    resp = await gateway_shop.post("/logout", headers=gw_headers(user_id="1001"),
-                                   allow_redirects=False)
+    resp = await gateway_shop.post(
+        "/logout", headers=gw_headers(user_id="1001"), allow_redirects=False
+    )
     assert resp.status == 303 and resp.headers["X-Session-Logout"] == "this"
     resp = await gateway_shop.post("/logout", data={"scope": "all"}, allow_redirects=False)
     assert resp.headers["X-Session-Logout"] == "all"
@@ -231,8 +250,11 @@ async def test_gateway_mode_makes_no_session_writes(gateway_shop: Client) -> Non
 async def test_debug_headers_echoes_decoded_session_headers(gateway_shop: Client) -> None:
     resp = await gateway_shop.get(
         "/debug/headers",
-        headers={**gw_headers(username="z%C3%B6e"), "X-Session-Cart-Items": "2",
-                 "X-Forwarded-For": "10.0.0.1"},
+        headers={
+            **gw_headers(username="z%C3%B6e"),
+            "X-Session-Cart-Items": "2",
+            "X-Forwarded-For": "10.0.0.1",
+        },
     )
     body = await resp.json()
     assert body["mode"] == "gateway"
@@ -270,13 +292,16 @@ async def test_gateway_product_pages_are_public_and_the_same_for_everyone(
     visitors = {
         "no session": {},
         "guest with a cart": {
-            "X-Session-Id": "a" * 64, "X-Session-Authenticated": "false",
-            "X-Session-Cart-Items": "3", "X-Session-Cart-Total": "2029.97",
+            "X-Session-Id": "a" * 64,
+            "X-Session-Authenticated": "false",
+            "X-Session-Cart-Items": "3",
+            "X-Session-Cart-Total": "2029.97",
             "X-Session-Cart-Contents": "laptop-123%7C2%7C999.99,mouse-456%7C1%7C29.99",
         },
         "alice with a cart": {
             **gw_headers(user_id="1001", username="alice", email="alice%40example.com"),
-            "X-Session-Cart-Items": "3", "X-Session-Cart-Total": "2029.97",
+            "X-Session-Cart-Items": "3",
+            "X-Session-Cart-Total": "2029.97",
         },
     }
     bodies = {}
@@ -294,22 +319,29 @@ async def test_gateway_product_pages_are_public_and_the_same_for_everyone(
     assert len(set(bodies.values())) == 1, "the product page depends on the session"
 
     # The add-to-cart form posts to a page that is never cached.
-    resp = await gateway_shop.post("/cart/add", data={"sku": "laptop-123"},
-                                   allow_redirects=False)
+    resp = await gateway_shop.post("/cart/add", data={"sku": "laptop-123"}, allow_redirects=False)
     assert {"private", "no-store"} <= cache_control(resp)
 
 
 @pytest.mark.parametrize(
     ("path", "status"),
-    [("/", 200), ("/products", 200), ("/cart", 200), ("/account", 200), ("/login", 200),
-     ("/debug/headers", 200), ("/products/nope", 404)],
+    [
+        ("/", 200),
+        ("/products", 200),
+        ("/cart", 200),
+        ("/account", 200),
+        ("/login", 200),
+        ("/debug/headers", 200),
+        ("/products/nope", 404),
+    ],
 )
 async def test_gateway_pages_with_session_data_are_private(
     gateway_shop: Client, path: str, status: int
 ) -> None:
     headers = {
         **gw_headers(user_id="1001", username="alice", email="alice%40example.com"),
-        "X-Session-Cart-Items": "2", "X-Session-Cart-Total": "1999.98",
+        "X-Session-Cart-Items": "2",
+        "X-Session-Cart-Total": "1999.98",
     }
     resp = await gateway_shop.get(path, headers=headers, allow_redirects=False)
     assert resp.status == status
@@ -370,7 +402,8 @@ async def _legacy_walk(client: Client) -> None:
 
     # Login: row becomes the user's, token rotated, cart kept.
     resp = await client.post(
-        "/login", data={"username": "alice", "password": "alice-password"},
+        "/login",
+        data={"username": "alice", "password": "alice-password"},
         allow_redirects=False,
     )
     assert resp.status == 303 and "X-Session-Login" not in resp.headers

@@ -15,10 +15,19 @@ from prometheus_client import REGISTRY
 from ..conftest import GatewayFactory, RedisServer, Upstream, base_config, login, wait_for
 
 ROUTES: list[dict[str, Any]] = [
-    {"path": "/login", "upstream": "app", "session": "optional",
-     "instructions": ["login", "set", "cart"]},
-    {"path": "/", "upstream": "app", "session": "optional",
-     "instructions": ["set", "logout", "cart"], "guest": True},
+    {
+        "path": "/login",
+        "upstream": "app",
+        "session": "optional",
+        "instructions": ["login", "set", "cart"],
+    },
+    {
+        "path": "/",
+        "upstream": "app",
+        "session": "optional",
+        "instructions": ["set", "logout", "cart"],
+        "guest": True,
+    },
 ]
 
 
@@ -104,9 +113,7 @@ async def test_fifty_concurrent_changes_on_one_session_lose_nothing(
         i = int(request.query["i"])
         await asyncio.sleep(0.01 * (i % 3))  # interleave the answers
         resp = web.Response(text="ok")
-        resp.headers["X-Session-Cart-Add"] = (
-            f"sku=s{i % 5}; qty={i % 4 + 1}; price={prices[i % 5]}"
-        )
+        resp.headers["X-Session-Cart-Add"] = f"sku=s{i % 5}; qty={i % 4 + 1}; price={prices[i % 5]}"
         return resp
 
     upstream.routes["/add"] = add
@@ -155,9 +162,7 @@ async def test_malformed_add_is_dropped_and_counted(
     assert set(cart_of(rdb, upstream)) == {"item:keep", "total_items", "total_value"}
 
 
-async def test_remove_decrement_and_clear(
-    make_gateway: GatewayFactory, upstream: Upstream
-) -> None:
+async def test_remove_decrement_and_clear(make_gateway: GatewayFactory, upstream: Upstream) -> None:
     gw = await cart_gateway(make_gateway)
     await send(gw, upstream, "/a", ("X-Session-Cart-Add", "sku=a; qty=5; price=1.25"))
     await send(gw, upstream, "/b", ("X-Session-Cart-Add", "sku=b; qty=1; price=10"))
@@ -178,9 +183,7 @@ async def test_remove_decrement_and_clear(
     assert await cart_headers(gw, upstream) == ("2", "0.10")
 
 
-async def test_max_items_and_quantity_cap(
-    make_gateway: GatewayFactory, upstream: Upstream
-) -> None:
+async def test_max_items_and_quantity_cap(make_gateway: GatewayFactory, upstream: Upstream) -> None:
     gw = await cart_gateway(make_gateway, max_items=2)
     await send(gw, upstream, "/a", ("X-Session-Cart-Add", "sku=a; qty=9000; price=1"))
     await send(gw, upstream, "/b", ("X-Session-Cart-Add", "sku=b; qty=1; price=1"))
@@ -191,9 +194,7 @@ async def test_max_items_and_quantity_cap(
     assert await cart_headers(gw, upstream) == ("10000", "10000.00")  # a capped at 9999
 
 
-async def test_contents_header_is_bounded(
-    make_gateway: GatewayFactory, upstream: Upstream
-) -> None:
+async def test_contents_header_is_bounded(make_gateway: GatewayFactory, upstream: Upstream) -> None:
     gw = await cart_gateway(make_gateway, contents_header=True, max_contents_bytes=64)
     await send(gw, upstream, "/a", ("X-Session-Cart-Add", "sku=a; qty=1; price=1"))
     await gw.get("/look")

@@ -77,8 +77,9 @@ async def test_a_raising_hook_is_logged_counted_and_contained(
     assert resp.status == 200  # open: as if the hook had returned None
     assert resp.headers["X-Tag"] == "tagged"  # the chain went on
     assert errors(BOOM) == before + 1
-    assert any(BOOM in r.getMessage() and "request hook raised" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        BOOM in r.getMessage() and "request hook raised" in r.getMessage() for r in caplog.records
+    )
     assert (await gw.get("/fine")).status == 200
     assert [r.raw_path for r in upstream.received] == ["/boom", "/fine"]
 
@@ -128,18 +129,28 @@ async def test_plugin_disabled_per_route(make_gateway: GatewayFactory) -> None:
 @pytest.mark.parametrize(
     "plugins,message",
     [
-        (["cart", {"rate_limit": {"limit": 0}}],
-         r"^plugins\[1\]\.rate_limit\.limit: Input should be greater than or equal to 1$"),
-        ([{"rate_limit": {"per": "user"}}],
-         r"^plugins\[0\]\.rate_limit\.per: must be one of session, address$"),
-        ([{"rate_limit": {"on_redis_error": "maybe"}}],
-         r"^plugins\[0\]\.rate_limit\.on_redis_error: must be one of allow, deny$"),
+        (
+            ["cart", {"rate_limit": {"limit": 0}}],
+            r"^plugins\[1\]\.rate_limit\.limit: Input should be greater than or equal to 1$",
+        ),
+        (
+            [{"rate_limit": {"per": "user"}}],
+            r"^plugins\[0\]\.rate_limit\.per: must be one of session, address$",
+        ),
+        (
+            [{"rate_limit": {"on_redis_error": "maybe"}}],
+            r"^plugins\[0\]\.rate_limit\.on_redis_error: must be one of allow, deny$",
+        ),
         ([{"cart": {"ttl": "soon"}}], r"^plugins\[0\]\.cart\.ttl: "),
         ([{"cart": {"colour": "red"}}], r"^plugins\[0\]\.cart\.colour: unknown key$"),
-        (["cart", {"page_cache": {"paths": ["products"]}}],
-         r"^plugins\[1\]\.page_cache\.paths: must list path prefixes starting with /$"),
-        ([{"viewed_items": {"pattern": "/p/"}}],
-         r"^plugins\[0\]\.viewed_items\.pattern: must start with / and contain \{item\}"),
+        (
+            ["cart", {"page_cache": {"paths": ["products"]}}],
+            r"^plugins\[1\]\.page_cache\.paths: must list path prefixes starting with /$",
+        ),
+        (
+            [{"viewed_items": {"pattern": "/p/"}}],
+            r"^plugins\[0\]\.viewed_items\.pattern: must start with / and contain \{item\}",
+        ),
         ([{TAGGER: {"value": 3}}], r"^plugins\[0\]\.tests\.plugins\.test_chain:Tagger\.value: "),
         (["nonexistent_plugin"], r"^plugins\.nonexistent_plugin: cannot import"),
     ],
@@ -153,13 +164,19 @@ def test_bad_plugin_config_names_the_key(
 
 
 def test_check_exits_2_on_bad_plugin_config(tmp_path: Path) -> None:
-    cfg = base_config("redis://127.0.0.1:1/0", "http://127.0.0.1:1",
-                      plugins=["cart", {"rate_limit": {"limit": -5}}])
+    cfg = base_config(
+        "redis://127.0.0.1:1/0",
+        "http://127.0.0.1:1",
+        plugins=["cart", {"rate_limit": {"limit": -5}}],
+    )
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.run(
         [sys.executable, "-m", "gateway", "--config", str(path), "--check"],
-        cwd=ROOT, capture_output=True, text=True, timeout=30,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode == 2
     assert "plugins[1].rate_limit.limit:" in proc.stdout + proc.stderr

@@ -42,8 +42,9 @@ async def test_views_are_recorded_newest_first_and_ranked(
     sid = upstream.last.header("X-Session-Id")
     assert sid
     await wait_for(lambda: viewed(rdb, sid) == ["a", "b"])
-    await wait_for(lambda: rdb.zrevrange("viewed:ranking", 0, -1, withscores=True)
-                   == [("a", 2.0), ("b", 1.0)])
+    await wait_for(
+        lambda: rdb.zrevrange("viewed:ranking", 0, -1, withscores=True) == [("a", 2.0), ("b", 1.0)]
+    )
     assert 0 < rdb.ttl(f"viewed:{sid}") <= 7 * 86400  # type: ignore[operator]
 
 
@@ -116,7 +117,9 @@ async def test_shutdown_flushes_the_buffer(
     from gateway.config import parse_settings
 
     cfg = base_config(
-        redis_server.url, upstream.url, routes=ROUTES,
+        redis_server.url,
+        upstream.url,
+        routes=ROUTES,
         plugins=[{"viewed_items": {"flush_interval": 10}}],
     )
     client = TestClient(TestServer(build_app(parse_settings(cfg)), host="127.0.0.1"))
