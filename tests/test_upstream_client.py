@@ -192,8 +192,12 @@ async def test_request_framing_towards_the_backend(
         client = await make_gateway(base_config(redis_server.url, url))
         port = client.server.port
         assert port is not None
-        # A POST without a body still says so (some servers answer 411 otherwise).
-        assert (await client.post("/static/a")).status == 200
+        # A POST without a body (and without Content-Length from the client) still says
+        # so: some servers answer 411 otherwise.
+        raw = await raw_request(
+            port, b"POST /static/a HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n"
+        )
+        assert status_of(raw) == 200
         assert seen[-1]["content-length"] == "0" and seen[-1]["body"] == ""
         # The gateway answered the client's Expect itself; the backend gets the body.
         raw = await raw_request(
