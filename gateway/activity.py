@@ -17,7 +17,9 @@ import hashlib
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from redis.asyncio import Redis
@@ -26,6 +28,7 @@ from redis.exceptions import NoScriptError
 from . import metrics
 from .config import ActivitySettings
 from .errors import REDIS_FAILURES
+from .nearcache import LinkDown, TrackingLink
 
 log = logging.getLogger("gateway.activity")
 
@@ -92,6 +95,9 @@ class ActivityWriter:
         self._wake = asyncio.Event()
         self._stopping = False
         self._sha = hashlib.sha1(_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis's id
+        # The near-cache's tracking connection, when it is up: writes made there don't
+        # invalidate this process's cached sessions (NOLOOP; nearcache.py).
+        self.link: TrackingLink | None = None
 
     # -- request side (synchronous, never blocks) --------------------------------------
 
@@ -190,15 +196,29 @@ class ActivityWriter:
         """EVALSHA directly rather than redis-py's Script helper, which adds a SCRIPT
         EXISTS round trip to every pipeline."""
         keys, args = self._encode(batch)
+        link = self.link
+        if link is not None and link.up:
+            try:
+                await self._eval(link.call, keys, args)
+                return
+            except LinkDown:
+                # Lost mid-call: Redis may have applied it, and the retry of this batch
+                # (same id) is then skipped by the script; the pool takes it from here.
+                pass
+        await self._eval(self.redis.execute_command, keys, args)
+
+    async def _eval(
+        self, call: Callable[..., Awaitable[Any]], keys: list[str], args: list[str | int | bytes]
+    ) -> None:
         _SENT.inc()
         try:
-            await self.redis.evalsha(self._sha, len(keys), *keys, *args)
+            await call("EVALSHA", self._sha, len(keys), *keys, *args)
         except NoScriptError:
             # Redis restarted or was flushed: nothing ran, so loading and resending is
             # safe.
-            await self.redis.script_load(_SCRIPT)
+            await call("SCRIPT", "LOAD", _SCRIPT)
             _SENT.inc()
-            await self.redis.evalsha(self._sha, len(keys), *keys, *args)
+            await call("EVALSHA", self._sha, len(keys), *keys, *args)
 
     def _encode(self, batch: Batch) -> tuple[list[str], list[str | int | bytes]]:
         keys = [f"{self.key_prefix}gw:activity:{batch.id}", *batch.entries]

@@ -17,6 +17,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from .activity import ActivityWriter
 from .config import Settings
 from .errors import REDIS_FAILURES
+from .nearcache import NearCache, TrackingLink
 from .plugin import Services, build_chain
 from .proxy import Gateway
 from .sessions import Keys, SessionStore
@@ -25,6 +26,7 @@ log = logging.getLogger("gateway")
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", Redis)
+REDIS_URL = web.AppKey("redis_url", str)  # the embedded server's once it is started
 GATEWAY = web.AppKey("gateway", Gateway)
 ACTIVITY = web.AppKey("activity", ActivityWriter)
 GATEWAY_APP = web.AppKey("gateway_app", web.Application)
@@ -56,6 +58,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("embedded redis-server started at %s", url)
     redis = make_redis(url, settings)
     app[REDIS] = redis
+    app[REDIS_URL] = url
     try:
         yield
     finally:
@@ -68,10 +71,23 @@ async def _core_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = app[REDIS]
     keys = Keys(settings.session.key_prefix, raw_tokens=settings.session.raw_token_keys)
-    store = SessionStore(redis, settings.session, keys, settings.redis.timeout)
+    cache: NearCache | None = None
+    link: TrackingLink | None = None
+    if settings.session.near_cache.enabled:
+        cache = NearCache(settings.session.near_cache)
+        link = TrackingLink(
+            app[REDIS_URL],
+            keys.session_affixes()[0],
+            cache,
+            settings.redis.timeout,
+            settings.redis.connect_timeout,
+        )
+        link.start()
+    store = SessionStore(redis, settings.session, keys, settings.redis.timeout, cache)
     activity = ActivityWriter(
         redis, settings.activity, settings.session.idle_ttl, settings.session.key_prefix
     )
+    activity.link = link
     activity.start()
     app[ACTIVITY] = activity
     services = Services(settings, redis, keys, store, activity, settings.redis.timeout)
@@ -105,6 +121,8 @@ async def _core_ctx(app: web.Application) -> AsyncIterator[None]:
                 log.exception("plugin %s: shutdown failed", p.name)
         await client.close()
         await activity.stop()
+        if link is not None:
+            await link.stop()
 
 
 async def _proxy(request: web.Request) -> web.StreamResponse:

@@ -30,13 +30,16 @@ class BatchedReader:
         # One timer per batch rather than one per request; every waiter of a batch that
         # runs out of time gets the TimeoutError.
         self.timeout = timeout
-        self._queue: list[tuple[str, tuple[Command, ...], asyncio.Future[ReadResult]]] = []
+        self._queue: list[tuple[str | None, tuple[Command, ...], asyncio.Future[ReadResult]]] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def hgetall(self, key: str, extra: tuple[Command, ...] = ()) -> asyncio.Future[ReadResult]:
+    def hgetall(
+        self, key: str | None, extra: tuple[Command, ...] = ()
+    ) -> asyncio.Future[ReadResult]:
         """The hash at ``key`` plus the results of ``extra`` commands (plugins' reads for
-        the same request), all in the tick's one pipeline."""
+        the same request), all in the tick's one pipeline. ``key`` None: only ``extra``
+        (the session came from the near-cache); the hash is then ``{}``."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[ReadResult] = loop.create_future()
         self._queue.append((key, extra, fut))
@@ -54,17 +57,19 @@ class BatchedReader:
             task.add_done_callback(self._tasks.discard)
 
     async def _run(
-        self, batch: list[tuple[str, tuple[Command, ...], asyncio.Future[ReadResult]]]
+        self, batch: list[tuple[str | None, tuple[Command, ...], asyncio.Future[ReadResult]]]
     ) -> None:
-        _SENT.inc(sum(1 + len(extra) for _, extra, _ in batch))
+        _SENT.inc(sum((key is not None) + len(extra) for key, extra, _ in batch))
         try:
             async with asyncio.timeout(self.timeout):
-                if len(batch) == 1 and not batch[0][1]:
-                    results: list[Any] = [await self.redis.hgetall(batch[0][0])]
+                key0 = batch[0][0]
+                if len(batch) == 1 and not batch[0][1] and key0 is not None:
+                    results: list[Any] = [await self.redis.hgetall(key0)]
                 else:
                     async with self.redis.pipeline(transaction=False) as pipe:
                         for key, extra, _ in batch:
-                            pipe.hgetall(key)
+                            if key is not None:
+                                pipe.hgetall(key)
                             for cmd in extra:
                                 pipe.execute_command(*cmd)
                         results = await pipe.execute(raise_on_error=False)
@@ -76,9 +81,14 @@ class BatchedReader:
                 raise
             return
         i = 0
-        for _, extra, fut in batch:
-            fields, others = results[i], results[i + 1 : i + 1 + len(extra)]
-            i += 1 + len(extra)
+        for key, extra, fut in batch:
+            if key is None:
+                fields: Any = {}
+            else:
+                fields = results[i]
+                i += 1
+            others = results[i : i + len(extra)]
+            i += len(extra)
             if fut.done():
                 continue
             if isinstance(fields, Exception):

@@ -72,8 +72,17 @@ class CookieSettings(_Frozen):
         return self
 
 
+class NearCacheSettings(_Frozen):
+    """Session hashes kept in each gateway process, invalidated by Redis (nearcache.py)."""
+
+    enabled: bool = True
+    max_entries: int = Field(10_000, gt=0)
+    max_age: float = Field(60.0, gt=0, description="seconds; a bound if an invalidation is lost")
+
+
 class SessionSettings(_Frozen):
     cookie: CookieSettings = CookieSettings()
+    near_cache: NearCacheSettings = NearCacheSettings()
     idle_ttl: int = Field(3600, gt=0)
     absolute_ttl: int = Field(28800, gt=0)
     # Store the hash under session:<raw token> (the case study's layout) instead of

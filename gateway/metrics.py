@@ -28,3 +28,9 @@ LATENCY = Histogram(
     "Time to response headers",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+NEAR_CACHE = Counter(
+    "gateway_near_cache_lookups_total", "Session lookups in the near-cache", ["result"]
+)
+NEAR_CACHE_INVALIDATIONS = Counter(
+    "gateway_near_cache_invalidations_total", "Keys invalidated by Redis (tracking pushes)"
+)

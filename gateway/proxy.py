@@ -533,7 +533,10 @@ class Gateway:
         # from undecodable bytes under the pure-Python parser) and must not be able to
         # break the activity flush for every other session.
         page = quote(ctx.request.path, safe=_PAGE_SAFE, errors="surrogateescape")[:MAX_PAGE]
-        self.activity.record(self.store.keys.session(s.key_id), page, s.deadline)
+        key = self.store.keys.session(s.key_id)
+        self.activity.record(key, page, s.deadline)
+        if self.store.cache is not None:
+            self.store.cache.touch(key, time.time(), page)
 
     def _completed(self, ctx: RequestContext, plugins: list[Plugin]) -> None:
         for p in plugins:

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from . import metrics
 from .batching import BatchedReader, Command
 from .config import SessionSettings
+from .nearcache import NearCache
 
 _WRITES = metrics.REDIS_COMMANDS.labels("session_write")
 TOKEN_BYTES = 32  # 256 bits from secrets; the format check below knows its length
@@ -97,12 +98,25 @@ class Session:
 
 class SessionStore:
     def __init__(
-        self, redis: Redis, settings: SessionSettings, keys: Keys, timeout: float = 0.5
+        self,
+        redis: Redis,
+        settings: SessionSettings,
+        keys: Keys,
+        timeout: float = 0.5,
+        cache: NearCache | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings
         self.keys = keys
         self.reader = BatchedReader(redis, timeout)
+        self.cache = cache
+
+    def forget(self, *key_ids: str) -> None:
+        """Drop sessions this process changed from the near-cache before answering (the
+        Redis invalidation for the change is on its way, but may arrive after the next
+        request)."""
+        if self.cache is not None:
+            self.cache.invalidate([self.keys.session(k) for k in key_ids])
 
     def _deadline(self, fields: dict[str, str], now: float) -> float:
         try:
@@ -143,7 +157,21 @@ class SessionStore:
         in the same pipeline. Within redis.timeout (the batch enforces it)."""
         key_id = self.keys.key_id(token)
         extra = prefetch(key_id) if prefetch is not None else ()
-        fields, others = await self.reader.hgetall(self.keys.session(key_id), extra)
+        key = self.keys.session(key_id)
+        cache = self.cache
+        cached = cache.get(key) if cache is not None else None
+        if cached is not None:
+            fields = cached
+            others = (await self.reader.hgetall(None, extra))[1] if extra else []
+        elif cache is not None and cache.enabled:
+            began = cache.begin(key)
+            fields = {}
+            try:
+                fields, others = await self.reader.hgetall(key, extra)
+            finally:
+                cache.end(key, began, fields)
+        else:
+            fields, others = await self.reader.hgetall(key, extra)
         now = time.time()
         session = self.from_fields(token, fields, now, key_id)
         if session is not None and "login_time" not in fields:
@@ -199,6 +227,8 @@ class SessionStore:
             pipe.expire(user_set, self.settings.absolute_ttl)
             _WRITES.inc(len(pipe.command_stack))
             await pipe.execute()
+        if old is not None:
+            self.forget(old.key_id)
         return session
 
     async def create(self, session: Session) -> None:
@@ -215,6 +245,7 @@ class SessionStore:
         # Only an existing hash is updated: a Set racing a logout must not resurrect it.
         _WRITES.inc()
         await self.redis.eval(_HSET_IF_EXISTS, 1, key, *[x for kv in fields.items() for x in kv])
+        self.forget(session.key_id)
         session.fields.update(fields)
 
     async def logout(self, session: Session, everywhere: bool) -> list[str]:
@@ -228,6 +259,7 @@ class SessionStore:
                     pipe.srem(self.keys.user_sessions(uid), session.key_id)
                 _WRITES.inc(len(pipe.command_stack))
                 await pipe.execute()
+            self.forget(session.key_id)
             return [session.key_id]
         # One script: a login between reading the index and deleting its sessions
         # would otherwise survive, or lose its place in the index.
@@ -242,6 +274,7 @@ class SessionStore:
                 *self.keys.session_affixes(),
             ),
         )
+        self.forget(*members)
         return sorted(members)
 
 

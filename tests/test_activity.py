@@ -27,8 +27,11 @@ def _key(token: str) -> str:
 
 
 async def test_activity_is_recorded_and_coalesced(
-    gw: TestClient, upstream: Upstream, rdb: redis.Redis
+    make_gateway: Any, redis_server: RedisServer, upstream: Upstream, rdb: redis.Redis
 ) -> None:
+    # Without the near-cache, so that every request reads its session from Redis.
+    session = {"cookie": {"name": "sid", "secure": False}, "near_cache": {"enabled": False}}
+    gw = await make_gateway(session=session)
     token = await login(gw, upstream)
     rdb.config_resetstat()
     for i in range(30):

@@ -71,8 +71,14 @@ def is_expiry(cookie: str) -> bool:
     return cookie.startswith("sid=;") and "Max-Age=0" in cookie
 
 
+# The near-cache's link probes an idle connection with PING and (re)connects with HELLO
+# and CLIENT TRACKING at its own pace: not commands any request caused.
+_BACKGROUND = {"cmdstat_ping", "cmdstat_hello", "cmdstat_client|tracking", "cmdstat_info"}
+
+
 def commands(rdb: redis.Redis) -> int:
-    return int(rdb.info("stats")["total_commands_processed"])
+    stats = rdb.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k not in _BACKGROUND)
 
 
 # -- token format ----------------------------------------------------------------------------
