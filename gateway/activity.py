@@ -19,6 +19,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
@@ -42,12 +43,13 @@ BATCH = 200
 # session. One JSON argument instead of four per session: packing thousands of small
 # arguments costs the gateway more than Redis needs to decode them.
 # Only an existing hash is touched: activity must never resurrect a logged-out session.
+# Returns the keys it found gone (or removed at their deadline), -1 for a repeated batch.
 _SCRIPT = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', 300) == false then return -1 end
 local idle = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
 local data = cjson.decode(ARGV[3])
-local n = 0
+local gone = {}
 for i = 2, #KEYS do
   local k, e = KEYS[i], data[i - 1]
   local ttl = math.min(idle, math.floor(e[4] - now))
@@ -56,10 +58,11 @@ for i = 2, #KEYS do
   if redis.call('EXPIRE', k, ttl) == 1 and ttl > 0 then
     redis.call('HSET', k, 'last_activity', e[1], 'current_page', e[2])
     redis.call('HINCRBY', k, 'page_views', e[3])
-    n = n + 1
+  else
+    table.insert(gone, k)
   end
 end
-return n
+return gone
 """
 
 
@@ -198,27 +201,36 @@ class ActivityWriter:
         keys, args = self._encode(batch)
         link = self.link
         if link is not None and link.up:
+            own = frozenset(batch.entries)
             try:
-                await self._eval(link.call, keys, args)
+                gone = await self._eval(link.call, partial(link.call_own_write, own), keys, args)
+                # Their invalidations may be among those ignored as our own writes.
+                if isinstance(gone, list) and gone:
+                    link.cache.invalidate(gone)
                 return
             except LinkDown:
                 # Lost mid-call: Redis may have applied it, and the retry of this batch
                 # (same id) is then skipped by the script; the pool takes it from here.
                 pass
-        await self._eval(self.redis.execute_command, keys, args)
+        call = self.redis.execute_command
+        await self._eval(call, call, keys, args)
 
     async def _eval(
-        self, call: Callable[..., Awaitable[Any]], keys: list[str], args: list[str | int | bytes]
-    ) -> None:
+        self,
+        call: Callable[..., Awaitable[Any]],
+        write: Callable[..., Awaitable[Any]],
+        keys: list[str],
+        args: list[str | int | bytes],
+    ) -> Any:
         _SENT.inc()
         try:
-            await call("EVALSHA", self._sha, len(keys), *keys, *args)
+            return await write("EVALSHA", self._sha, len(keys), *keys, *args)
         except NoScriptError:
             # Redis restarted or was flushed: nothing ran, so loading and resending is
             # safe.
             await call("SCRIPT", "LOAD", _SCRIPT)
             _SENT.inc()
-            await call("EVALSHA", self._sha, len(keys), *keys, *args)
+            return await write("EVALSHA", self._sha, len(keys), *keys, *args)
 
     def _encode(self, batch: Batch) -> tuple[list[str], list[str | int | bytes]]:
         keys = [f"{self.key_prefix}gw:activity:{batch.id}", *batch.entries]

@@ -77,7 +77,9 @@ class NearCacheSettings(_Frozen):
 
     enabled: bool = True
     max_entries: int = Field(10_000, gt=0)
-    max_age: float = Field(60.0, gt=0, description="seconds; a bound if an invalidation is lost")
+    # Seconds an entry is trusted without a read: the bound on staleness should an
+    # invalidation be missed (see TrackingLink.call_own_write).
+    max_age: float = Field(5.0, gt=0)
 
 
 class SessionSettings(_Frozen):

@@ -146,6 +146,9 @@ class NearCache:
         return len(self._entries)
 
 
+_WINDOW_END = object()
+
+
 class LinkDown(ConnectionError):
     """The tracking link is not up; the caller uses the ordinary pool instead."""
 
@@ -173,7 +176,10 @@ class TrackingLink:
             socket_connect_timeout=connect_timeout,
         )
         self._conn: AbstractConnection | None = None
-        self._pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # Callers waiting for replies, in send order, each with what its reply starts or
+        # ends: a window of our own writes (see call_own_write).
+        self._pending: collections.deque[tuple[asyncio.Future[Any], Any]] = collections.deque()
+        self._own: frozenset[str] = frozenset()
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._stopping = False
@@ -192,20 +198,40 @@ class TrackingLink:
 
     async def call(self, *args: Any) -> Any:
         """Run one command on the link (raises LinkDown when it is not up)."""
+        return await self._send([args], [None])
+
+    async def call_own_write(self, keys: frozenset[str], *args: Any) -> Any:
+        """Run a script that writes ``keys`` on this process's behalf, so that the
+        invalidations it causes don't evict them from our cache.
+
+        NOLOOP alone is not enough: Redis 7.0 attributes a script's writes to its Lua
+        client, so they are pushed to us too, after the script's reply and before the
+        reply to any command we send once that reply is in. So pushes for ``keys`` are
+        ignored from the script's reply until the reply to a PING sent on receiving it;
+        where Redis honours NOLOOP for scripts there are none to ignore. The script
+        returns the keys it found gone, which the caller invalidates itself.
+
+        The price: another client's change to one of ``keys`` landing in that window
+        (one round trip) is missed too; ``max_age`` bounds how long that can last.
+        """
+        return await self._send([args], [keys])
+
+    async def _send(self, commands: list[tuple[Any, ...]], tags: list[Any]) -> Any:
         conn = self._conn
         if conn is None or not self.up:
             raise LinkDown("tracking link is down")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[Any]] = [loop.create_future() for _ in commands]
         # Appended before the bytes go out: replies come back in send order, and
         # send_packed_command writes synchronously before its first await.
-        self._pending.append(fut)
+        self._pending.extend(zip(futs, tags, strict=True))
         try:
-            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
         except BaseException:
             self._broken("send failed")
             raise
         async with asyncio.timeout(self.timeout):
-            return await fut
+            return await futs[0]
 
     async def _run(self) -> None:
         delay = 0.1
@@ -244,26 +270,41 @@ class TrackingLink:
         log.info("near-cache on (tracking %s*)", self.prefix)
         probing: asyncio.Future[Any] | None = None
         while not self._stopping:
+            error: ResponseError | None = None
             try:
                 reply = await conn.read_response(timeout=self._heartbeat)
             except ResponseError as e:
-                self._pending.popleft().set_exception(e)
-                continue
-            if reply is None:  # silence for a heartbeat
+                reply, error = None, e
+            if reply is None and error is None:  # silence for a heartbeat
                 if probing is not None:
                     raise TimeoutError("heartbeat unanswered")
                 probing = asyncio.get_running_loop().create_future()
-                self._pending.append(probing)
+                self._pending.append((probing, None))
                 await conn.send_packed_command(conn.pack_command("PING"), check_health=False)
                 continue
-            fut = self._pending.popleft()
+            fut, tag = self._pending.popleft()
+            if tag is _WINDOW_END:
+                self._own = frozenset()
+            elif tag is not None:
+                self._own = tag
+                end: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                self._pending.append((end, _WINDOW_END))
+                await conn.send_packed_command(conn.pack_command("PING"), check_health=False)
             if fut is probing:
                 probing = None
-            if not fut.done():
+            if fut.done():
+                continue
+            if error is not None:
+                fut.set_exception(error)
+            else:
                 fut.set_result(reply)
 
     async def _on_invalidate(self, message: list[Any]) -> None:
         keys = message[1] if len(message) > 1 else None
+        if keys is not None and self._own:
+            keys = [k for k in keys if k not in self._own]
+            if not keys:
+                return
         self.cache.invalidate(list(keys) if keys is not None else None)
         metrics.NEAR_CACHE_INVALIDATIONS.inc(len(keys) if keys is not None else 1)
 
@@ -271,8 +312,9 @@ class TrackingLink:
         self.cache.disable()
         self._ready.clear()
         conn, self._conn = self._conn, None
+        self._own = frozenset()
         while self._pending:
-            fut = self._pending.popleft()
+            fut, _ = self._pending.popleft()
             if not fut.done():
                 fut.set_exception(LinkDown(f"tracking link lost: {why}"))
         if conn is not None:

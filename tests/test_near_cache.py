@@ -1,0 +1,194 @@
+"""The near-cache (gateway/nearcache.py) against a real Redis: it saves the session read,
+and every way a session can change outside this process reaches it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis
+from aiohttp.test_utils import TestClient
+
+from gateway.app import GATEWAY
+from gateway.sessions import public_id
+
+from .conftest import GatewayFactory, RedisServer, Upstream, base_config, login, wait_for
+
+
+def hgetalls(rdb: redis.Redis) -> int:
+    return int(rdb.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0))
+
+
+def _cache(client: TestClient) -> Any:
+    cache = client.server.app[GATEWAY].store.cache
+    assert cache is not None
+    return cache
+
+
+async def cached_gateway(make_gateway: GatewayFactory, **over: Any) -> TestClient:
+    client = await make_gateway(**over)
+    cache = _cache(client)
+    await wait_for(lambda: cache.enabled)
+    return client
+
+
+async def page(client: TestClient, upstream: Upstream, token: str, path: str = "/p") -> str:
+    resp = await client.get(path, cookies={"sid": token})
+    assert resp.status == 200
+    return upstream.last.header("X-Session-Authenticated") or ""
+
+
+async def test_repeat_requests_skip_the_session_read(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gw = await cached_gateway(make_gateway)
+    token = await login(gw, upstream, user_id="7")
+    before = hgetalls(rdb)
+    for i in range(20):
+        assert await page(gw, upstream, token, f"/p/{i}") == "true"
+        assert upstream.last.header("X-Session-User-Id") == "7"
+        # Our own activity is mirrored into the cached copy, not lost with it (the
+        # header counts the views before this one).
+        assert upstream.last.header("X-Session-Page-Views") == str(i)
+        await asyncio.sleep(0.01)  # let write-behind flushes happen in between
+    assert hgetalls(rdb) - before == 1, "only the first request should read Redis"
+    # The flushes went through the link with NOLOOP: they did not evict our entry.
+    key = f"session:{public_id(token)}"
+    await wait_for(lambda: rdb.hget(key, "page_views") == "20")
+    assert await page(gw, upstream, token) == "true"
+    assert hgetalls(rdb) - before == 1
+
+
+async def test_a_change_by_another_client_is_seen(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gw = await cached_gateway(make_gateway)
+    token = await login(gw, upstream, user_id="7", tier="bronze")
+    await page(gw, upstream, token)
+    assert upstream.last.header("X-Session-Tier") == "bronze"
+    rdb.hset(f"session:{public_id(token)}", "tier", "gold")
+
+    async def tier() -> str | None:
+        await page(gw, upstream, token)
+        return upstream.last.header("X-Session-Tier")
+
+    # Within the invalidation's travel time; max_age (60 s) would be far later.
+    for _ in range(50):
+        if await tier() == "gold":
+            break
+        await asyncio.sleep(0.02)
+    assert upstream.last.header("X-Session-Tier") == "gold"
+
+
+async def test_delete_elsewhere_and_expiry_end_the_cached_session(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gw = await cached_gateway(make_gateway)
+    deleted = await login(gw, upstream, user_id="1")
+    gw.session.cookie_jar.clear()  # or the second login would rotate the first session
+    expiring = await login(gw, upstream, user_id="2")
+    for t in (deleted, expiring):
+        assert await page(gw, upstream, t) == "true"
+        assert await page(gw, upstream, t) == "true"  # now served from the cache
+    # Logged out by another gateway process (or an operator): the key is deleted.
+    rdb.delete(f"session:{public_id(deleted)}")
+    # Expired by Redis: nothing touches it (a request would slide its TTL), the
+    # server's expiry cycle removes it.
+    await asyncio.sleep(0.2)  # the last requests' activity is flushed
+    rdb.pexpire(f"session:{public_id(expiring)}", 100)
+    await wait_for(lambda: not rdb.exists(f"session:{public_id(expiring)}"))
+
+    async def gone(token: str) -> bool:
+        return await page(gw, upstream, token) == "false"
+
+    for t in (deleted, expiring):
+        for _ in range(150):
+            if await gone(t):
+                break
+            await asyncio.sleep(0.02)
+        assert upstream.last.header("X-Session-Authenticated") == "false"
+
+
+async def test_a_flushdb_empties_the_cache(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gw = await cached_gateway(make_gateway)
+    token = await login(gw, upstream)
+    assert await page(gw, upstream, token) == "true"
+    assert len(_cache(gw)) >= 1
+    rdb.flushdb()
+    await wait_for(lambda: len(_cache(gw)) == 0)
+    assert await page(gw, upstream, token) == "false"
+
+
+async def test_cache_is_off_while_the_link_is_down_and_back_after(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gw = await cached_gateway(make_gateway)
+    cache = _cache(gw)
+    token = await login(gw, upstream)
+    await page(gw, upstream, token)
+    await page(gw, upstream, token)
+    tracking = [c for c in rdb.client_list() if "t" in c["flags"]]
+    assert len(tracking) == 1, "exactly one tracking connection per gateway process"
+    # Without the link, nobody would tell us about changes: the cache must stop at once.
+    rdb.client_kill_filter(_id=tracking[0]["id"])
+    await wait_for(lambda: not cache.enabled, timeout=3)
+    assert len(cache) == 0
+    before = hgetalls(rdb)
+    rdb.hset(f"session:{public_id(token)}", "tier", "silver")
+    await page(gw, upstream, token)
+    assert upstream.last.header("X-Session-Tier") == "silver"
+    # The link comes back by itself and caching resumes.
+    await wait_for(lambda: cache.enabled, timeout=5)
+    await page(gw, upstream, token)
+    await page(gw, upstream, token)
+    await page(gw, upstream, token)
+    assert hgetalls(rdb) - before <= 3
+
+
+async def test_cached_session_is_not_served_when_redis_is_down(
+    make_gateway: GatewayFactory,
+    redis_server: RedisServer,
+    upstream: Upstream,
+) -> None:
+    gw = await cached_gateway(make_gateway)
+    token = await login(gw, upstream)
+    await page(gw, upstream, token, "/closed/x")
+    await page(gw, upstream, token, "/closed/x")
+    redis_server.kill()
+    await wait_for(lambda: not _cache(gw).enabled, timeout=3)
+    # The route's policy applies (closed: 503), as without a cache.
+    resp = await gw.get("/closed/x", cookies={"sid": token})
+    assert resp.status == 503
+
+
+async def test_max_age_bounds_an_entry(
+    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    cfg = base_config(redis_server.url, upstream.url)
+    cfg["session"]["near_cache"] = {"max_age": 0.2}
+    gw = await cached_gateway(make_gateway, config=cfg)
+    token = await login(gw, upstream)
+    before = hgetalls(rdb)
+    await page(gw, upstream, token)
+    await page(gw, upstream, token)
+    assert hgetalls(rdb) - before == 1
+    await asyncio.sleep(0.3)
+    await page(gw, upstream, token)
+    assert hgetalls(rdb) - before == 2
+
+
+async def test_disabled_reads_every_time(
+    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    cfg = base_config(redis_server.url, upstream.url)
+    cfg["session"]["near_cache"] = {"enabled": False}
+    gw = await make_gateway(cfg)
+    assert gw.server.app[GATEWAY].store.cache is None
+    token = await login(gw, upstream)
+    before = hgetalls(rdb)
+    for _ in range(5):
+        await page(gw, upstream, token)
+    assert hgetalls(rdb) - before == 5
+    assert not [c for c in rdb.client_list() if "t" in c["flags"]]
