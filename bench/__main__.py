@@ -281,8 +281,8 @@ async def run(a: argparse.Namespace) -> int:
         "errors = non-2xx/3xx responses + socket errors (connect/read/write/timeout)",
         "Redis commands/request, counted after waiting for write-behind to go quiet and "
         "divided by wrk's completed requests: **sent** = commands the proxy sends "
-        "(gateway: INFO commandstats calls of HGETALL + EVALSHA, which it only sends at "
-        "top level; naive proxy: all commands incl. MULTI/EXEC) and **executed** = INFO "
+        "(gateway: INFO commandstats calls of HGETALL + EVALSHA + PING, which it only sends "
+        "at top level; naive proxy: all commands incl. MULTI/EXEC) and **executed** = INFO "
         "total_commands_processed delta (our own INFO calls excluded), which also counts "
         "the commands Redis runs inside the gateway's write-behind Lua script",
     ]
