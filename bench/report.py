@@ -255,8 +255,9 @@ def _redis_md(sc: dict[str, Any]) -> list[str]:
         "(gateway: INFO commandstats calls of HGETALL, one per session lookup that misses "
         "the near-cache, + EVALSHA, one per write-behind batch, + PING, one after each "
         "EVALSHA on the near-cache link and its idle heartbeat — the only commands it "
-        "sends at top level during the run, and never called from inside a script; naive proxy: every command, "
-        "MULTI/EXEC included, since it uses no scripts, so sent = executed). **executed** "
+        "sends at top level during the run, and never called from inside a script; naive "
+        "proxy: every command, MULTI/EXEC included, since it uses no scripts, so sent = "
+        "executed). **executed** "
         "= INFO total_commands_processed delta (our INFO calls excluded), i.e. what Redis "
         f"ran. The ≤ 1.2 target is evaluated on sent; {SCRIPT_NOTE}.",
         "",
