@@ -147,6 +147,7 @@ class NearCache:
 
 
 _WINDOW_END = object()
+_PROBE = object()
 
 
 class LinkDown(ConnectionError):
@@ -279,13 +280,13 @@ class TrackingLink:
                 if probing is not None:
                     raise TimeoutError("heartbeat unanswered")
                 probing = asyncio.get_running_loop().create_future()
-                self._pending.append((probing, None))
+                self._pending.append((probing, _PROBE))
                 await conn.send_packed_command(conn.pack_command("PING"), check_health=False)
                 continue
             fut, tag = self._pending.popleft()
             if tag is _WINDOW_END:
                 self._own = frozenset()
-            elif tag is not None:
+            elif tag is not None and tag is not _PROBE:
                 self._own = tag
                 end: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
                 self._pending.append((end, _WINDOW_END))
@@ -314,8 +315,12 @@ class TrackingLink:
         conn, self._conn = self._conn, None
         self._own = frozenset()
         while self._pending:
-            fut, _ = self._pending.popleft()
-            if not fut.done():
+            fut, tag = self._pending.popleft()
+            if fut.done():
+                continue
+            if tag is _WINDOW_END or tag is _PROBE:
+                fut.cancel()  # nobody awaits these
+            else:
                 fut.set_exception(LinkDown(f"tracking link lost: {why}"))
         if conn is not None:
             task = asyncio.get_running_loop().create_task(conn.disconnect(nowait=True))

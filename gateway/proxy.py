@@ -6,10 +6,11 @@ import asyncio
 import ipaddress
 import itertools
 import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -56,6 +57,8 @@ SMALL_BODY = 64 * 1024  # read whole and sent with the headers; larger bodies st
 MAX_PAGE = 512  # bytes of current_page kept per session
 _STARTED = web.RequestKey("gateway_response_started", web.StreamResponse)
 _PAGE_SAFE = "/:@!$&'()*+,;=-._~"
+# What quote() would leave unchanged: most paths, which then skip it.
+_PAGE_PLAIN = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=\-._~]*")
 _HOST_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]")
 
 
@@ -91,6 +94,7 @@ class Gateway:
         self.redis_timeout = settings.redis.timeout
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
         self._background: set[asyncio.Task[tuple[bool, object]]] = set()
+        self._request_counters: dict[tuple[str, int], Any] = {}
 
     # -- entry point ---------------------------------------------------------------------
 
@@ -130,7 +134,13 @@ class Gateway:
             resp = text_response(500, "gateway error")
         if not resp.prepared:
             resp.headers.setdefault("X-Request-Id", rid)
-        metrics.REQUESTS.labels(route.path if route else "-", f"{resp.status // 100}xx").inc()
+        label = (route.path if route else "-", resp.status // 100)
+        counter = self._request_counters.get(label)
+        if counter is None:
+            # labels() hashes and locks on every call; the children are few and fixed.
+            counter = metrics.REQUESTS.labels(label[0], f"{label[1]}xx")
+            self._request_counters[label] = counter
+        counter.inc()
         metrics.LATENCY.observe(time.perf_counter() - started)
         return resp
 
@@ -532,7 +542,10 @@ class Gateway:
         # Percent-encoded ASCII: the decoded path may hold anything (lone surrogates
         # from undecodable bytes under the pure-Python parser) and must not be able to
         # break the activity flush for every other session.
-        page = quote(ctx.request.path, safe=_PAGE_SAFE, errors="surrogateescape")[:MAX_PAGE]
+        path = ctx.request.path
+        if not _PAGE_PLAIN.fullmatch(path):
+            path = quote(path, safe=_PAGE_SAFE, errors="surrogateescape")
+        page = path[:MAX_PAGE]
         key = self.store.keys.session(s.key_id)
         self.activity.record(key, page, s.deadline)
         if self.store.cache is not None:

@@ -35,8 +35,11 @@ class Upstream:
 
     def candidates(self) -> Iterator[URL]:
         """Every server once, starting at the next in turn, healthy ones first."""
-        start = next(self._rr)
         n = len(self.servers)
+        if n == 1:  # the common case, on every request: skip the ordering work
+            yield self.servers[0]
+            return
+        start = next(self._rr)
         order = [(start + i) % n for i in range(n)]
         now = time.monotonic()
         healthy = [i for i in order if self._ejected_until[i] <= now]
