@@ -105,7 +105,6 @@ def strip_headers(
 
 
 @functools.lru_cache(maxsize=4096)
-@functools.lru_cache(maxsize=4096)
 def header_name_for(field: str) -> str:
     """``user_id`` → ``X-Session-User-Id`` (memoised: the same few names, every request)."""
     return "X-Session-" + "-".join(p.capitalize() for p in field.split("_"))

@@ -33,6 +33,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import time
 from typing import Any, cast
 
@@ -231,8 +232,14 @@ class TrackingLink:
         except BaseException:
             self._broken("send failed")
             raise
-        async with asyncio.timeout(self.timeout):
-            return await futs[0]
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await futs[0]
+        except TimeoutError:
+            # An unanswered link is a broken link: off with the cache, and the caller
+            # (activity) falls back to the pool; its batch id makes a re-send safe.
+            self._broken("call unanswered")
+            raise LinkDown("tracking link did not answer in time") from None
 
     async def _run(self) -> None:
         delay = 0.1
@@ -251,6 +258,10 @@ class TrackingLink:
                 if self.up or delay == 0.1:
                     log.warning("near-cache link lost (%s: %s); cache off", type(e).__name__, e)
                 self._broken(str(e))
+            except Exception as e:
+                # Whatever it was, the cache must not stay on without its link.
+                log.exception("near-cache link failed; cache off")
+                self._broken(f"{type(e).__name__}: {e}")
             if self._stopping:
                 return
             await asyncio.sleep(delay)
@@ -265,24 +276,35 @@ class TrackingLink:
         await conn.send_command(
             "CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", self.prefix, "NOLOOP"
         )
-        await conn.read_response(timeout=self.timeout)
+        # No explicit timeout: redis-py then raises on socket_timeout (with one, it would
+        # return None and the cache would go on without tracking being confirmed).
+        reply = await conn.read_response()
+        if reply != "OK":
+            raise ConnectionError(f"CLIENT TRACKING answered {reply!r}")
         self.cache.enable()
         self._ready.set()
         log.info("near-cache on (tracking %s*)", self.prefix)
         probing: asyncio.Future[Any] | None = None
         while not self._stopping:
             error: ResponseError | None = None
+            silent = False
             try:
-                reply = await conn.read_response(timeout=self._heartbeat)
+                # Our own timer, so that a nil reply is never mistaken for silence.
+                async with asyncio.timeout(self._heartbeat):
+                    reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
+            except TimeoutError:
+                silent = True
             except ResponseError as e:
                 reply, error = None, e
-            if reply is None and error is None:  # silence for a heartbeat
+            if silent:
                 if probing is not None:
                     raise TimeoutError("heartbeat unanswered")
                 probing = asyncio.get_running_loop().create_future()
                 self._pending.append((probing, _PROBE))
                 await conn.send_packed_command(conn.pack_command("PING"), check_health=False)
                 continue
+            if not self._pending:
+                raise ConnectionError("a reply nobody asked for: replies and callers out of step")
             fut, tag = self._pending.popleft()
             if tag is _WINDOW_END:
                 self._own = frozenset()

@@ -21,7 +21,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 
-from aiohttp.client_exceptions import ServerDisconnectedError
+from aiohttp.client_exceptions import ClientOSError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_writer import StreamWriter, _serialize_headers
 from aiohttp.streams import StreamReader
@@ -30,9 +30,18 @@ from yarl import URL
 
 # An idle pooled connection older than this is closed rather than reused: backends close
 # idle keep-alive connections on their own schedule (often 5-75 s), and reusing one they
-# are about to close is the classic "server disconnected" race on the next request.
-KEEPALIVE_SECONDS = 15.0
+# are about to close is the classic "server disconnected" race on the next request (4 s:
+# below the 5 s of uvicorn, gunicorn and Node; a request that still loses the race is
+# retried on a new connection when that is safe, see Pool.request).
+KEEPALIVE_SECONDS = 4.0
 _BODYLESS_OK = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
+_RETRY_ON_NEW = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+def _reusable(proto: ResponseHandler) -> bool:
+    # should_close also covers bytes or a stored error that arrived while it was idle
+    # (a 408 before closing, a confused backend): they must not answer the next request.
+    return proto.is_connected() and not proto.should_close
 
 
 class ConnectFailed(OSError):
@@ -86,7 +95,8 @@ class Pool:
             ssl.create_default_context() if server.scheme == "https" else None
         )
         default = 443 if server.scheme == "https" else 80
-        self.host_header = self.host if self.port == default else f"{self.host}:{self.port}"
+        name = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
+        self.host_header = name if self.port == default else f"{name}:{self.port}"
         self.limit = limit
         self.connect_timeout = connect_timeout
         self._idle: collections.deque[tuple[ResponseHandler, float]] = collections.deque()
@@ -94,13 +104,14 @@ class Pool:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
 
-    async def get(self) -> ResponseHandler:
+    async def get(self, fresh: bool = False) -> tuple[ResponseHandler, bool]:
+        """A connection, and whether it was reused (``fresh``: never a pooled one)."""
         idle = self._idle
         now = time.monotonic()
-        while idle:
+        while idle and not fresh:
             proto, since = idle.pop()
-            if proto.is_connected() and now - since < KEEPALIVE_SECONDS:
-                return proto
+            if _reusable(proto) and now - since < KEEPALIVE_SECONDS:
+                return proto, True
             self._drop(proto)
         if self._open >= self.limit:
             # connect_timeout also bounds this wait: with every connection busy, the
@@ -111,17 +122,20 @@ class Pool:
                     self._waiters.append(waiter)
                     try:
                         await waiter
-                    finally:
+                    except BaseException:
                         if waiter in self._waiters:
                             self._waiters.remove(waiter)
-                    while idle:
+                        elif waiter.done() and not waiter.cancelled():
+                            self._wake()  # woken and gone at once: pass the turn on
+                        raise
+                    while idle and not fresh:
                         proto, since = idle.pop()
-                        if proto.is_connected() and time.monotonic() - since < KEEPALIVE_SECONDS:
-                            return proto
+                        if _reusable(proto) and time.monotonic() - since < KEEPALIVE_SECONDS:
+                            return proto, True
                         self._drop(proto)
         self._open += 1
         try:
-            return await self._connect()
+            return await self._connect(), False
         except BaseException:
             self._open -= 1
             self._wake()
@@ -145,7 +159,7 @@ class Pool:
         return proto
 
     def put(self, proto: ResponseHandler, reusable: bool) -> None:
-        if reusable and not self._closed and proto.is_connected() and not proto.should_close:
+        if reusable and not self._closed and _reusable(proto):
             self._idle.append((proto, time.monotonic()))
         else:
             proto.close()
@@ -155,6 +169,7 @@ class Pool:
     def _drop(self, proto: ResponseHandler) -> None:
         proto.close()
         self._open -= 1
+        self._wake()
 
     def _wake(self) -> None:
         while self._waiters:
@@ -174,7 +189,19 @@ class Pool:
         """Send and return once the response head arrived. Raises ConnectFailed or
         PoolTimeout (nothing was sent), ServerDisconnectedError or ClientOSError (sent,
         no answer), SocketTimeoutError, HttpProcessingError (an invalid answer)."""
-        proto = await self.get()
+        proto, reused = await self.get()
+        try:
+            return await _exchange(self, proto, method, target, headers, body, read_timeout)
+        except (ServerDisconnectedError, ClientOSError):
+            self.put(proto, reusable=False)
+            # A pooled connection the server closed as we sent: nothing was answered, so
+            # a request that is safe to repeat goes out once more on a new connection.
+            if not (reused and body is None and method in _RETRY_ON_NEW):
+                raise
+        except BaseException:
+            self.put(proto, reusable=False)
+            raise
+        proto, _ = await self.get(fresh=True)
         try:
             return await _exchange(self, proto, method, target, headers, body, read_timeout)
         except BaseException:
@@ -229,4 +256,5 @@ async def _exchange(
         # 1xx interim answers (100 Continue, 103 Early Hints) are not the response.
         if message.code >= 200 or message.code < 100 or message.code == 101:
             break
+        proto.start_timeout()  # the parser stopped the read timer at the interim answer
     return UpstreamResponse(message.code, message.reason, message.headers, payload, pool, proto)

@@ -196,3 +196,20 @@ async def test_disabled_reads_every_time(
         await page(gw, upstream, token)
     assert hgetalls(rdb) - before == 5
     assert not [c for c in rdb.client_list() if "t" in c["flags"]]
+
+
+async def test_a_stalled_redis_turns_the_cache_off_until_it_answers(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gw = await cached_gateway(make_gateway)
+    cache = _cache(gw)
+    token = await login(gw, upstream)
+    await page(gw, upstream, token)
+    await asyncio.sleep(0.3)  # its activity is flushed: no call of ours is in flight
+    # Redis answers nobody for 1.5 s (the connection stays open): the heartbeat, not a
+    # closed socket, must notice that invalidations may not be arriving.
+    stall = asyncio.create_task(asyncio.to_thread(rdb.execute_command, "DEBUG", "SLEEP", "1.5"))
+    await wait_for(lambda: not cache.enabled, timeout=1.4)
+    await stall
+    await wait_for(lambda: cache.enabled, timeout=5)
+    assert await page(gw, upstream, token) == "true"

@@ -5,6 +5,7 @@ backend closed while idle, interim 1xx answers, and bodies framed every legal wa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -222,3 +223,44 @@ async def test_request_framing_towards_the_backend(
         assert seen[-1]["host"] == url.removeprefix("http://")
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(("method", "expected"), [("GET", 200), ("POST", 502)])
+async def test_pooled_connection_dropped_as_it_is_used(
+    make_gateway: GatewayFactory,
+    redis_server: RedisServer,
+    raw_backend: RawBackend,
+    method: str,
+    expected: int,
+) -> None:
+    """The backend closes a kept-alive connection just as the next request arrives on it
+    (the keep-alive race): a request that is safe to repeat goes out again on a new
+    connection; one that is not gets a 502 rather than being sent twice."""
+    served: list[bytes] = []
+
+    async def h(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await _read_head(reader)
+        length = (
+            int(head.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0])
+            if (b"Content-Length: " in head)
+            else 0
+        )
+        await reader.readexactly(length)
+        served.append(head.split(b"\r\n", 1)[0])
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+        await writer.drain()
+        # The second request on this connection is read, then dropped unanswered.
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await _read_head(reader)
+        writer.close()
+
+    url = await raw_backend(h)
+    client = await make_gateway(base_config(redis_server.url, url))
+    assert (await client.request(method, "/static/a", data=b"x")).status == 200
+    resp = await client.request(method, "/static/b", data=b"y" if method == "POST" else None)
+    assert resp.status == expected, await resp.text()
+    if method == "GET":
+        assert await resp.text() == "first"
+        assert served == [b"GET /static/a HTTP/1.1", b"GET /static/b HTTP/1.1"]
+    else:
+        assert served == [b"POST /static/a HTTP/1.1"]  # never sent twice
