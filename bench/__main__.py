@@ -184,6 +184,11 @@ async def measure_fixed(t: Target, tmp: Path, pin: Pinning, plan: Plan) -> dict[
     open-loop Python generator, latency from the scheduled time (no coordinated omission,
     but the generator's own jitter is a few ms at p99 on this machine).
     """
+    if plan.warmup:
+        # Steady state, like the max-rate runs: caches warm, pools and connections open
+        # (a cold start sends every session to Redis in the first second).
+        await run_wrk(t.url, t.path, t.cookies, tmp, pin, 2 * plan.warmup,
+                      max(8, plan.connections), rate=int(plan.fixed_rate))  # fmt: skip
     w = await run_wrk(t.url, t.path, t.cookies, tmp, pin, plan.fixed_duration,
                       max(8, plan.connections), rate=int(plan.fixed_rate))  # fmt: skip
     d: dict[str, Any] = w.as_dict()
