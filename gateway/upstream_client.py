@@ -190,23 +190,19 @@ class Pool:
         PoolTimeout (nothing was sent), ServerDisconnectedError or ClientOSError (sent,
         no answer), SocketTimeoutError, HttpProcessingError (an invalid answer)."""
         proto, reused = await self.get()
-        try:
-            return await _exchange(self, proto, method, target, headers, body, read_timeout)
-        except (ServerDisconnectedError, ClientOSError):
-            self.put(proto, reusable=False)
-            # A pooled connection the server closed as we sent: nothing was answered, so
-            # a request that is safe to repeat goes out once more on a new connection.
-            if not (reused and body is None and method in _RETRY_ON_NEW):
+        while True:
+            try:
+                return await _exchange(self, proto, method, target, headers, body, read_timeout)
+            except (ServerDisconnectedError, ClientOSError):
+                self.put(proto, reusable=False)
+                if not (reused and body is None and method in _RETRY_ON_NEW):
+                    raise
+            except BaseException:
+                self.put(proto, reusable=False)
                 raise
-        except BaseException:
-            self.put(proto, reusable=False)
-            raise
-        proto, _ = await self.get(fresh=True)
-        try:
-            return await _exchange(self, proto, method, target, headers, body, read_timeout)
-        except BaseException:
-            self.put(proto, reusable=False)
-            raise
+            # A pooled connection the server closed as we sent: nothing was answered, so
+            # a request that is safe to repeat goes out once more, on a new connection.
+            proto, reused = await self.get(fresh=True)
 
     def close(self) -> None:
         self._closed = True
