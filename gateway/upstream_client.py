@@ -113,6 +113,8 @@ class Pool:
             if _reusable(proto) and now - since < KEEPALIVE_SECONDS:
                 return proto, True
             self._drop(proto)
+        if fresh and idle and self._open >= self.limit:
+            self._drop(idle.popleft()[0])  # make room: the oldest idle one goes
         if self._open >= self.limit:
             # connect_timeout also bounds this wait: with every connection busy, the
             # client gets a timely 504 instead of queueing without end.
