@@ -84,6 +84,7 @@ async def _core_ctx(app: web.Application) -> AsyncIterator[None]:
         )
         link.start()
     store = SessionStore(redis, settings.session, keys, settings.redis.timeout, cache)
+    store.link = link
     activity = ActivityWriter(
         redis, settings.activity, settings.session.idle_ttl, settings.session.key_prefix
     )

@@ -20,9 +20,10 @@ from redis.asyncio import Redis
 from . import metrics
 from .batching import BatchedReader, Command
 from .config import SessionSettings
-from .nearcache import NearCache
+from .nearcache import NearCache, TrackingLink
 
 _WRITES = metrics.REDIS_COMMANDS.labels("session_write")
+_READS = metrics.REDIS_COMMANDS.labels("session_read")
 TOKEN_BYTES = 32  # 256 bits from secrets; the format check below knows its length
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 # Fields the gateway owns: a backend's X-Session-Set cannot forge them (user_id changes
@@ -110,6 +111,7 @@ class SessionStore:
         self.keys = keys
         self.reader = BatchedReader(redis, timeout)
         self.cache = cache
+        self.link: TrackingLink | None = None  # set with the cache (nearcache.py)
 
     def forget(self, *key_ids: str) -> None:
         """Drop sessions this process changed from the near-cache before answering (the
@@ -167,7 +169,16 @@ class SessionStore:
             began = cache.begin(key)
             fields = {}
             try:
-                fields, others = await self.reader.hgetall(key, extra)
+                link = self.link
+                if not extra and link is not None and link.up:
+                    # A miss goes on the link itself: far less client work than the
+                    # pool, and its reply is ordered with the link's invalidations. A
+                    # failure there is a Redis failure like any other (the route's
+                    # on_redis_error), within redis.timeout.
+                    _READS.inc()
+                    fields, others = await link.call("HGETALL", key), []
+                else:
+                    fields, others = await self.reader.hgetall(key, extra)
             finally:
                 cache.end(key, began, fields)
         else:
