@@ -41,7 +41,7 @@ from .responses import text_response, unavailable
 from .routing import Router
 from .sessions import RESERVED_FIELDS, Session, SessionStore, valid_token
 from .upstream import Upstream, upstream_target
-from .upstream_client import ConnectFailed, UpstreamResponse
+from .upstream_client import IDEMPOTENT, ConnectFailed, UpstreamResponse
 from .websocket import is_websocket, proxy_websocket
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ log = logging.getLogger("gateway.proxy")
 T = TypeVar("T")
 
 _UPSTREAM_DROP = GATEWAY_REQUEST_HEADERS | SPOOFABLE_REQUEST_HEADERS | {"host"}
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# An upstream body that breaks off, or stalls past read_timeout.
+_BODY_FAILURES = (aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError, TimeoutError)
 CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # read whole and sent with the headers; larger bodies stream
 MAX_PAGE = 512  # bytes of current_page kept per session
@@ -442,11 +443,8 @@ class Gateway:
             headers.add("Set-Cookie", c)
         headers["X-Request-Id"] = ctx.request_id
         head = ResponseHead(upstream_resp.status, headers, from_upstream=True)
-        ctx.response = head
-        for p in plugins:
-            ok, _ = await self.chain.guarded(p, p.response, ctx, head)
-            if not ok:
-                return _with_cookies(unavailable(), set_cookies)
+        if not await self._response_hooks(ctx, plugins, head):
+            return _with_cookies(unavailable(), set_cookies)
         self.record_activity(ctx)
         length = upstream_resp.content_length
         if (
@@ -468,7 +466,7 @@ class Gateway:
                     await resp.write(chunk)
                     if ctx.body_tap is not None:
                         ctx.body_tap(chunk)
-            except (aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError, TimeoutError) as e:
+            except _BODY_FAILURES as e:
                 # Headers are gone already: all we can do is cut the connection so the
                 # client sees a truncated response instead of a silently short one.
                 log.warning("upstream body failed mid-stream: %s", e)
@@ -495,7 +493,7 @@ class Gateway:
         sending it still gets a clean 502 instead of a cut connection."""
         try:
             body = await upstream_resp.read()
-        except (aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError, TimeoutError) as e:
+        except _BODY_FAILURES as e:
             log.warning("upstream body failed: %s", e)
             metrics.UPSTREAM_ERRORS.labels("body").inc()
             return text_response(502, "bad gateway: incomplete upstream response")
@@ -521,17 +519,25 @@ class Gateway:
             for c in set_cookies:
                 answer.headers.add("Set-Cookie", c)
             head = ResponseHead(answer.status, CIMultiDict(answer.headers), from_upstream=False)
-            ctx.response = head
-            for p in plugins:
-                ok, _ = await self.chain.guarded(p, p.response, ctx, head)
-                if not ok:
-                    return _with_cookies(unavailable(), set_cookies)
+            if not await self._response_hooks(ctx, plugins, head):
+                return _with_cookies(unavailable(), set_cookies)
             answer.set_status(head.status)
             answer.headers.clear()
             answer.headers.update(head.headers)
         self.record_activity(ctx)
         self._completed(ctx, plugins)
         return answer
+
+    async def _response_hooks(
+        self, ctx: RequestContext, plugins: list[Plugin], head: ResponseHead
+    ) -> bool:
+        """Every plugin's response hook on ``head``; False when one failed closed."""
+        ctx.response = head
+        for p in plugins:
+            ok, _ = await self.chain.guarded(p, p.response, ctx, head)
+            if not ok:
+                return False
+        return True
 
     def record_activity(self, ctx: RequestContext) -> None:
         s = ctx.session
@@ -627,8 +633,7 @@ class Gateway:
         ctx.rotated_from = old
         ctx.logged_in = True
         ctx.session = new
-        set_cookies[:] = [c for c in set_cookies if set_cookie_name(c) != self.cookie.name]
-        set_cookies.append(self._cookie(new.token))
+        self._set_session_cookie(set_cookies, self._cookie(new.token))
         metrics.INSTRUCTIONS.labels("login", "applied").inc()
         log.info("login user_id=%r session=%s", new.user_id, new.id[:12])
 
@@ -650,8 +655,7 @@ class Gateway:
     ) -> None:
         s = ctx.session
         everywhere = "all" in params
-        set_cookies[:] = [c for c in set_cookies if set_cookie_name(c) != self.cookie.name]
-        set_cookies.append(self._expired_cookie())
+        self._set_session_cookie(set_cookies, self._expired_cookie())
         ctx.session = None
         if s is None:
             metrics.INSTRUCTIONS.labels("logout", "applied").inc()
@@ -664,6 +668,12 @@ class Gateway:
         log.info("logout%s session=%s", " everywhere" if everywhere else "", s.id[:12])
 
     # -- cookies -------------------------------------------------------------------------
+
+    def _set_session_cookie(self, set_cookies: list[str], cookie: str) -> None:
+        """``cookie`` replaces whatever this request had decided for the session cookie
+        (a guest's, or the one a login just set before a logout)."""
+        set_cookies[:] = [c for c in set_cookies if set_cookie_name(c) != self.cookie.name]
+        set_cookies.append(cookie)
 
     def _cookie(self, token: str) -> str:
         return f"{self.cookie.name}={token}{self._cookie_tail}"

@@ -35,7 +35,8 @@ from yarl import URL
 # retried on a new connection when that is safe, see Pool.request).
 KEEPALIVE_SECONDS = 4.0
 _BODYLESS_OK = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
-_RETRY_ON_NEW = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# Methods that may be sent twice (RFC 9110 9.2.2).
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
 def _reusable(proto: ResponseHandler) -> bool:
@@ -197,7 +198,7 @@ class Pool:
                 return await _exchange(self, proto, method, target, headers, body, read_timeout)
             except (ServerDisconnectedError, ClientOSError):
                 self.put(proto, reusable=False)
-                if not (reused and body is None and method in _RETRY_ON_NEW):
+                if not (reused and body is None and method in IDEMPOTENT):
                     raise
             except BaseException:
                 self.put(proto, reusable=False)
