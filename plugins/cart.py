@@ -28,7 +28,6 @@ from aiohttp import web
 from prometheus_client import Counter
 from pydantic import Field
 
-from gateway.errors import REDIS_FAILURES
 from gateway.plugin import CartInstruction, Plugin, PluginConfig, RequestContext
 from gateway.sessions import Session
 
@@ -310,6 +309,7 @@ class Cart(Plugin):
         if s is None or not ctx.redis_ok:
             return None
         fields: dict[str, str] = {}
+        # Nothing prefetched: a guest created by this very request, which has no cart yet.
         pre = ctx.prefetched.get(self.name)
         if pre:
             if isinstance(pre[0], Exception):
@@ -317,17 +317,6 @@ class Cart(Plugin):
                 log.warning("cart read failed: %s", pre[0])
                 return None
             fields = cast(dict[str, str], pre[0])
-        elif not s.new:  # a guest created by this very request has no cart yet
-            try:
-                async with asyncio.timeout(self.services.redis_timeout):
-                    fields = cast(
-                        dict[str, str],
-                        await self.services.redis.hgetall(self.services.keys.cart(s.key_id)),
-                    )
-            except REDIS_FAILURES as e:
-                CART_READ_ERRORS.inc()
-                log.warning("cart read failed: %s: %s", type(e).__name__, e)
-                return None
         h = ctx.session_headers
         h["X-Session-Cart-Items"] = fields.get("total_items", "0")
         h["X-Session-Cart-Total"] = fields.get("total_value", "0.00")

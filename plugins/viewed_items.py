@@ -95,23 +95,25 @@ class ViewedItems(Plugin):
 
     # -- request side -------------------------------------------------------------------
 
+    def prefetch(self, ctx: RequestContext, key_id: str) -> tuple[tuple[str, ...], ...]:
+        # The list rides along with the session lookup: no round trip of its own.
+        if not self.config.header:
+            return ()
+        key = self.services.keys.viewed(key_id)
+        return (("ZREVRANGE", key, "0", str(self.config.keep - 1)),)
+
     async def request(self, ctx: RequestContext) -> web.StreamResponse | None:
         s = ctx.session
         if not self.config.header or s is None or not ctx.redis_ok:
             return None
         items: list[str] = []
-        if not s.new:
-            try:
-                async with asyncio.timeout(self.services.redis_timeout):
-                    items = cast(
-                        list[str],
-                        await self.services.redis.zrevrange(
-                            self.services.keys.viewed(s.key_id), 0, self.config.keep - 1
-                        ),
-                    )
-            except REDIS_FAILURES as e:
-                log.warning("viewed items read failed: %s: %s", type(e).__name__, e)
+        # Nothing prefetched: a guest created by this very request, which has no views.
+        pre = ctx.prefetched.get(self.name)
+        if pre:
+            if isinstance(pre[0], Exception):
+                log.warning("viewed items read failed: %s", pre[0])
                 return None
+            items = cast(list[str], pre[0])
         # Views still in the buffer are newer than anything in Redis.
         pending = list(self._views.get(self.services.keys.viewed(s.key_id), {}))[::-1]
         merged = list(dict.fromkeys(pending + items))[: self.config.keep]
