@@ -201,12 +201,9 @@ class TrackingLink:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="near-cache-link")
 
-    async def wait_up(self) -> None:
-        await self._ready.wait()
-
     async def call(self, *args: Any) -> Any:
         """Run one command on the link (raises LinkDown when it is not up)."""
-        return await self._send([args], [None])
+        return await self._send(args, None)
 
     async def call_own_write(self, keys: frozenset[str], *args: Any) -> Any:
         """Run a script that writes ``keys`` on this process's behalf, so that the
@@ -222,25 +219,24 @@ class TrackingLink:
         The price: another client's change to one of ``keys`` landing in that window
         (one round trip) is missed too; ``max_age`` bounds how long that can last.
         """
-        return await self._send([args], [keys])
+        return await self._send(args, keys)
 
-    async def _send(self, commands: list[tuple[Any, ...]], tags: list[Any]) -> Any:
+    async def _send(self, args: tuple[Any, ...], tag: Any) -> Any:
         conn = self._conn
         if conn is None or not self.up:
             raise LinkDown("tracking link is down")
-        loop = asyncio.get_running_loop()
-        futs: list[asyncio.Future[Any]] = [loop.create_future() for _ in commands]
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         # Appended before the bytes go out: replies come back in send order, and
         # send_packed_command writes synchronously before its first await.
-        self._pending.extend(zip(futs, tags, strict=True))
+        self._pending.append((fut, tag))
         try:
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
         except BaseException:
             self._broken("send failed")
             raise
         try:
             async with asyncio.timeout(self.timeout):
-                return await futs[0]
+                return await fut
         except TimeoutError:
             # An unanswered link is a broken link: off with the cache, and the caller
             # (activity) falls back to the pool; its batch id makes a re-send safe.

@@ -90,12 +90,11 @@ class Pool:
     """Keep-alive connections to one server, at most ``limit`` open at once."""
 
     def __init__(self, server: URL, limit: int, connect_timeout: float) -> None:
+        https = server.scheme == "https"
+        default = 443 if https else 80
         self.host = server.raw_host or ""
-        self.port = server.port or (443 if server.scheme == "https" else 80)
-        self.ssl: ssl.SSLContext | None = (
-            ssl.create_default_context() if server.scheme == "https" else None
-        )
-        default = 443 if server.scheme == "https" else 80
+        self.port = server.port or default
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if https else None
         name = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
         self.host_header = name if self.port == default else f"{name}:{self.port}"
         self.limit = limit
@@ -105,37 +104,33 @@ class Pool:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
 
+    def _take_idle(self) -> ResponseHandler | None:
+        """The most recently used idle connection still fit for reuse; stale ones close."""
+        now = time.monotonic()
+        while self._idle:
+            proto, since = self._idle.pop()
+            if _reusable(proto) and now - since < KEEPALIVE_SECONDS:
+                return proto
+            self._drop(proto)
+        return None
+
     async def get(self, fresh: bool = False) -> tuple[ResponseHandler, bool]:
         """A connection, and whether it was reused (``fresh``: never a pooled one)."""
-        idle = self._idle
-        now = time.monotonic()
-        while idle and not fresh:
-            proto, since = idle.pop()
-            if _reusable(proto) and now - since < KEEPALIVE_SECONDS:
-                return proto, True
-            self._drop(proto)
-        if fresh and idle and self._open >= self.limit:
-            self._drop(idle.popleft()[0])  # make room: the oldest idle one goes
+        if not fresh and (proto := self._take_idle()) is not None:
+            return proto, True
+        if fresh and self._idle and self._open >= self.limit:
+            self._drop(self._idle.popleft()[0])  # make room: the oldest idle one goes
         if self._open >= self.limit:
             # connect_timeout also bounds this wait: with every connection busy, the
             # client gets a timely 504 instead of queueing without end.
-            async with asyncio.timeout(self.connect_timeout):
-                while self._open >= self.limit:
-                    waiter = asyncio.get_running_loop().create_future()
-                    self._waiters.append(waiter)
-                    try:
-                        await waiter
-                    except BaseException:
-                        if waiter in self._waiters:
-                            self._waiters.remove(waiter)
-                        elif waiter.done() and not waiter.cancelled():
-                            self._wake()  # woken and gone at once: pass the turn on
-                        raise
-                    while idle and not fresh:
-                        proto, since = idle.pop()
-                        if _reusable(proto) and time.monotonic() - since < KEEPALIVE_SECONDS:
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    while self._open >= self.limit:
+                        await self._wait_turn()
+                        if not fresh and (proto := self._take_idle()) is not None:
                             return proto, True
-                        self._drop(proto)
+            except TimeoutError:
+                raise PoolTimeout(f"no free connection to {self.host}:{self.port}") from None
         self._open += 1
         try:
             return await self._connect(), False
@@ -173,6 +168,18 @@ class Pool:
         proto.close()
         self._open -= 1
         self._wake()
+
+    async def _wait_turn(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            elif waiter.done() and not waiter.cancelled():
+                self._wake()  # woken and gone at once: pass the turn on
+            raise
 
     def _wake(self) -> None:
         while self._waiters:
