@@ -453,7 +453,7 @@ class Gateway:
             and request.method != "HEAD"
             and head.status not in (204, 304)
         ):
-            return await self._respond_small(ctx, plugins, upstream_resp, head)
+            return await self._respond_small(ctx, plugins, upstream_resp, head, set_cookies)
         resp = web.StreamResponse(status=head.status, reason=upstream_resp.reason)
         resp.headers.update(head.headers)
         if "Content-Length" in head.headers:
@@ -487,6 +487,7 @@ class Gateway:
         plugins: list[Plugin],
         upstream_resp: UpstreamResponse,
         head: ResponseHead,
+        set_cookies: list[str],
     ) -> web.StreamResponse:
         """A body of known, small size is read first and sent with the headers in one
         write: a third fewer syscalls per typical page, and an upstream that fails while
@@ -496,7 +497,11 @@ class Gateway:
         except _BODY_FAILURES as e:
             log.warning("upstream body failed: %s", e)
             metrics.UPSTREAM_ERRORS.labels("body").inc()
-            return text_response(502, "bad gateway: incomplete upstream response")
+            # A login or logout this response carried is applied already: its cookie
+            # must still reach the client, or the new session is lost to it.
+            return _with_cookies(
+                text_response(502, "bad gateway: incomplete upstream response"), set_cookies
+            )
         resp = web.Response(
             status=head.status, reason=upstream_resp.reason, body=body, headers=head.headers
         )

@@ -305,6 +305,30 @@ async def test_upstream_closing_mid_body(
             await resp.read()
 
 
+async def test_login_applied_before_a_broken_body_still_sets_its_cookie(
+    gw: TestClient, upstream: Upstream
+) -> None:
+    """The login is in Redis once the headers arrive; a 502 for the body that then breaks
+    must still hand the client its new cookie."""
+
+    async def broken_login(request: web.Request) -> web.StreamResponse:
+        r = web.StreamResponse(headers={"X-Session-Login": "user_id=42"})
+        r.content_length = 1000
+        await r.prepare(request)
+        await r.write(b"x" * 100)
+        assert request.transport is not None
+        request.transport.close()
+        return r
+
+    broken_login.streaming = True  # type: ignore[attr-defined]
+    upstream.routes["/login"] = broken_login
+    resp = await gw.post("/login")
+    assert resp.status == 502
+    assert resp.cookies["sid"].value
+    await gw.get("/after")
+    assert upstream.last.header("X-Session-User-Id") == "42"
+
+
 # -- WebSocket ----------------------------------------------------------------------------
 
 
