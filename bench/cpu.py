@@ -7,11 +7,17 @@ as `make bench`), creates sessions through the real login path, then runs wrk ag
 d (`/nosession/...`) and e (a session page) alternately, `--reps` times each, and reports
 per run the CPU microseconds each process spent per completed request (utime + stime
 from /proc/<pid>/stat). Alternating d and e in one session makes the two comparable even
-while the machine's speed changes. `--profile` adds a py-spy record of the gateway during
-the last e run (py-spy must be installed in the venv; it is not a project dependency).
+while the machine's speed changes. `--profile DIR` adds a py-spy record of the gateway during
+the last run of each scenario, as DIR/<scenario>.txt in py-spy's raw format (py-spy must
+be installed in the venv; it is not a project dependency). Sampling costs the gateway
+CPU, so the µs of a profiled run read high.
 
 Extra gateway config can be merged in with `--set`, e.g.
-`--set session.near_cache.enabled=false` (values are parsed as YAML).
+`--set session.near_cache.enabled=false` (values are parsed as YAML). Scenario x is e
+through a second gateway, configured with `--set-x` and/or run from another checkout
+with `--x-root` (a before/after of a code change in one session: `--only ex --x-root
+/tmp/base`). Both gateways share Redis, so while one is loaded the other still handles
+the near-cache invalidations the first one's writes cause (on the same CPU).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import yaml
 from bench import gateway_proc
 from bench.procs import (
     PYTHON,
+    Child,
     Children,
     Pinning,
     cpu_seconds,
@@ -45,15 +52,23 @@ PAGE = "/products/laptop-123"
 
 
 def apply_set(cfg: dict[str, Any], assignment: str) -> None:
+    """`a.b.2.c=YAML`: a number picks a list item (`routes.2` is the catch-all route)."""
     path, _, raw = assignment.partition("=")
-    keys = path.split(".")
-    node = cfg
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-    node[keys[-1]] = yaml.safe_load(raw)
+    *parents, last = path.split(".")
+    node: Any = cfg
+    for k in parents:
+        node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
+    if isinstance(node, list):
+        node[int(last)] = yaml.safe_load(raw)
+    else:
+        node[last] = yaml.safe_load(raw)
 
 
 async def run(a: argparse.Namespace) -> int:
+    spy_bin = Path(PYTHON).parent / "py-spy"
+    if a.profile and not spy_bin.exists():
+        log(f"--profile needs py-spy: {Path(PYTHON).parent / 'pip'} install py-spy")
+        return 2
     pin = Pinning.choose(True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
     children = Children()
@@ -66,36 +81,53 @@ async def run(a: argparse.Namespace) -> int:
                      pin.server_cpus), tmp)  # fmt: skip
         wait_port(backend, backend_port)
         redis, redis_port = start_redis(children, tmp, pin, "redis")
-        gw_port = free_port()
-        cfg = gateway_proc.gateway_config(gw_port, redis_port, backend_port)
-        for s in a.set:
-            apply_set(cfg, s)
-        gw = gateway_proc.start_gateway(children, tmp, pin, "gateway", cfg, gw_port)
-        url = f"http://127.0.0.1:{gw_port}"
-        cookies = write_cookie_file(tmp / "cookies.txt", await login_sessions(url, a.sessions))
-        procs = {"gateway": gw.pid, "backend": backend.pid, "redis": redis.pid}
-        paths = {"d": "/nosession" + PAGE, "e": PAGE}
-        for key in a.only:  # warm-up: pools, near-cache, JIT-less but cache-warm
-            await run_wrk(url, paths[key], cookies, tmp, pin, 2, a.connections)
+        gws: dict[str, tuple[str, Child]] = {}  # scenario -> (gateway URL, process)
+        for key, sets in (("e", a.set), ("x", a.set_x)):
+            if key not in a.only and not (key == "e" and "d" in a.only):
+                continue
+            port = free_port()
+            cfg = gateway_proc.gateway_config(port, redis_port, backend_port)
+            for s in sets:
+                apply_set(cfg, s)
+            name = "gateway" if key == "e" else "gateway-x"
+            root = Path(a.x_root).resolve() if key == "x" and a.x_root else None
+            gws[key] = (f"http://127.0.0.1:{port}",
+                        gateway_proc.start_gateway(children, tmp, pin, name, cfg, port,
+                                                   root=root))  # fmt: skip
+        if "d" in a.only:
+            gws["d"] = gws["e"]
+        # Sessions live in the shared Redis, so one login path serves every gateway.
+        first_url = next(iter(gws.values()))[0]
+        cookies = write_cookie_file(
+            tmp / "cookies.txt", await login_sessions(first_url, a.sessions)
+        )
+        paths = {"d": "/nosession" + PAGE, "e": PAGE, "x": PAGE}
+        for key in a.only:  # warm-up: pools, near-cache
+            await run_wrk(gws[key][0], paths[key], cookies, tmp, pin, 2, a.connections,
+                          rate=a.rate)  # fmt: skip
         for rep in range(a.reps):
             for key in a.only:
-                last = rep == a.reps - 1 and key == "e"
+                url, gw = gws[key]
+                procs = {"gateway": gw.pid, "backend": backend.pid, "redis": redis.pid}
                 spy = None
-                if a.profile and last and shutil.which(str(Path(PYTHON).parent / "py-spy")):
-                    out = Path(a.profile).resolve()
+                if a.profile and rep == a.reps - 1:
+                    out = Path(a.profile).resolve() / f"{key}.txt"
+                    out.parent.mkdir(parents=True, exist_ok=True)
                     spy = await asyncio.create_subprocess_exec(
-                        str(Path(PYTHON).parent / "py-spy"), "record", "-p", str(gw.pid),
+                        str(spy_bin), "record", "-p", str(gw.pid),
                         "-d", str(int(a.dur)), "-r", "200", "-f", "raw", "-o", str(out),
                         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
                     )  # fmt: skip
                 before = {n: cpu_seconds([p]) for n, p in procs.items()}
-                w = await run_wrk(url, paths[key], cookies, tmp, pin, a.dur, a.connections)
+                w = await run_wrk(url, paths[key], cookies, tmp, pin, a.dur, a.connections,
+                                  rate=a.rate)  # fmt: skip
                 after = {n: cpu_seconds([p]) for n, p in procs.items()}
                 if spy is not None:
                     await spy.wait()
                 n = max(1, w.requests)
                 row: dict[str, Any] = {"scenario": key, "rep": rep, "rps": round(w.rps),
-                                       "errors": w.errors, "p99_ms": w.p99_ms}  # fmt: skip
+                                       "errors": w.errors, "p50_ms": w.p50_ms,
+                                       "p99_ms": w.p99_ms}  # fmt: skip
                 for name in procs:
                     row[f"{name}_us"] = round((after[name] - before[name]) / n * 1e6)
                 rows.append(row)
@@ -109,16 +141,43 @@ async def run(a: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.cpu", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.cpu",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--dur", type=float, default=8, help="seconds per wrk run")
     ap.add_argument("--reps", type=int, default=2, help="runs of each scenario")
-    ap.add_argument("--only", default="de", help="scenarios, in run order (d, e)")
+    ap.add_argument(
+        "--only",
+        default="de",
+        help="scenarios, in run order: d, e, x (e through a second gateway "
+        "configured with --set-x)",
+    )
     ap.add_argument("--sessions", type=int, default=1000)
     ap.add_argument("--connections", type=int, default=64)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY.PATH=YAML",
-                    help="override a gateway config key")
-    ap.add_argument("--profile", metavar="FILE", help="py-spy raw profile of the last e run")
+    ap.add_argument("--rate", type=int, default=0, help="fixed req/s (0: max rate)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=YAML",
+        help="override a config key of the gateway serving d and e",
+    )
+    ap.add_argument(
+        "--set-x",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=YAML",
+        help="override a config key of the second gateway (scenario x)",
+    )
+    ap.add_argument(
+        "--x-root",
+        metavar="DIR",
+        help="run scenario x's gateway from another checkout, e.g. a "
+        "`git worktree add /tmp/base HEAD` for a before/after",
+    )
+    ap.add_argument("--profile", metavar="DIR", help="py-spy raw profiles of the last runs")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON at the end")
     raise SystemExit(uvloop.run(run(ap.parse_args())))
 

@@ -90,13 +90,15 @@ def start_gateway(
     port: int,
     *,
     unpinned: bool = False,
+    root: Path | None = None,
 ) -> Child:
     """Start the gateway on the server CPU set (worker processes inherit the affinity),
-    or with `unpinned` on every CPU (then it also competes with the load generator)."""
+    or with `unpinned` on every CPU (then it also competes with the load generator).
+    `root`: run the gateway package of another checkout (bench.cpu's before/after)."""
     path = write_config(tmp / f"{name}.yaml", cfg)
     cpus = None if unpinned else pin.server_cpus
     child = children.start(
-        name, pin.wrap([PYTHON, "-m", "gateway", "--config", str(path)], cpus), tmp
+        name, pin.wrap([PYTHON, "-m", "gateway", "--config", str(path)], cpus), tmp, cwd=root
     )
     wait_port(child, port, timeout=30)
     return child
