@@ -160,11 +160,27 @@ class Plugin:
 @dataclass(slots=True)
 class Chain:
     plugins: list[Plugin]
+    # Per route (by identity; routes live as long as the process): its plugins, and
+    # those of them that implement prefetch. Worked out once, not on every request.
+    _by_route: dict[int, tuple[RouteSettings, list[Plugin], list[Plugin]]] = field(
+        default_factory=dict
+    )
+
+    def _lists(self, route: RouteSettings) -> tuple[RouteSettings, list[Plugin], list[Plugin]]:
+        got = self._by_route.get(id(route))
+        if got is None:
+            plugins = [p for p in self.plugins if p.name not in route.disable_plugins]
+            prefetch = [p for p in plugins if type(p).prefetch is not Plugin.prefetch]
+            # The route is kept in the entry so its id cannot be reused by another.
+            got = self._by_route[id(route)] = (route, plugins, prefetch)
+        return got
 
     def for_route(self, route: RouteSettings) -> list[Plugin]:
-        if not route.disable_plugins:
-            return self.plugins
-        return [p for p in self.plugins if p.name not in route.disable_plugins]
+        return self._lists(route)[1]
+
+    def prefetchers(self, route: RouteSettings) -> list[Plugin]:
+        """The route's plugins that read through the session pipeline."""
+        return self._lists(route)[2]
 
     async def guarded(
         self, plugin: Plugin, hook: Callable[..., Awaitable[T]], *args: Any

@@ -69,6 +69,10 @@ _RID_PREFIX = secrets.token_hex(8)
 _rid_counter = itertools.count(1)
 
 
+# Stored fields that would map onto a header the gateway derives itself.
+_OWN_SESSION_FIELDS = frozenset({"id", "authenticated"})
+
+
 def _new_request_id() -> str:
     return f"{_RID_PREFIX}{next(_rid_counter):016x}"
 
@@ -180,7 +184,7 @@ class Gateway:
         set_cookies: list[str] = []
         plugins = self.chain.for_route(route)
         if route.session != "none":
-            early = await self._resolve_session(ctx, plugins, set_cookies)
+            early = await self._resolve_session(ctx, set_cookies)
             if early is not None:
                 return early
         answer: web.StreamResponse | None = None
@@ -225,7 +229,7 @@ class Gateway:
             raise RedisUnavailable(op) from e
 
     async def _resolve_session(
-        self, ctx: RequestContext, plugins: list[Plugin], set_cookies: list[str]
+        self, ctx: RequestContext, set_cookies: list[str]
     ) -> web.StreamResponse | None:
         request, route = ctx.request, ctx.route
         values = parse_cookie_values(request.headers.getall("Cookie", ()), self.cookie.name)
@@ -234,8 +238,16 @@ class Gateway:
         token = values[0] if len(values) == 1 and valid_token(values[0]) else None
         stale = bool(values)
         if token is not None:
+            key_id = self.store.keys.key_id(token)
+            # A near-cache hit on a route without prefetch reads is answered right here,
+            # without the coroutines of a Redis read.
+            hit, session = (
+                (False, None)
+                if self.chain.prefetchers(route)
+                else self.store.cached(token, key_id)
+            )
             try:
-                ctx.session = await self._load(ctx, token, plugins)
+                ctx.session = session if hit else await self._load(ctx, token, key_id)
             except RedisUnavailable:
                 ctx.redis_ok = False
                 if route.on_redis_error == "closed":
@@ -261,9 +273,9 @@ class Gateway:
             return self._unauthenticated(request, route, set_cookies)
         return None
 
-    async def _load(self, ctx: RequestContext, token: str, plugins: list[Plugin]) -> Session | None:
+    async def _load(self, ctx: RequestContext, token: str, key_id: str) -> Session | None:
         """The session, with the plugins' prefetch reads in the same pipeline."""
-        takers = [p for p in plugins if type(p).prefetch is not Plugin.prefetch]
+        takers = self.chain.prefetchers(ctx.route)
         spans: list[tuple[str, int]] = []
 
         def prefetch(key_id: str) -> tuple[tuple[str, ...], ...]:
@@ -275,7 +287,12 @@ class Gateway:
             return tuple(commands)
 
         session, results = await self._call_redis(
-            "load", self.store.load(token, prefetch if takers else None), bounded=False
+            "load",
+            # Without prefetch reads, _resolve_session has asked the near-cache already.
+            self.store.load(
+                token, prefetch if takers else None, key_id, cache_checked=not takers
+            ),
+            bounded=False,
         )
         if session is not None:
             i = 0
@@ -355,9 +372,13 @@ class Gateway:
         for name, value in s.fields.items():
             if only is not None and name not in only:
                 continue
-            if not FIELD_NAME_RE.fullmatch(name):
-                continue  # a field written by other software: no safe header name
-            headers[header_name_for(name)] = encode_value(value)
+            if name in _OWN_SESSION_FIELDS or not FIELD_NAME_RE.fullmatch(name):
+                # Written by other software: no safe header name, or one that would
+                # shadow the gateway's own X-Session-Id / X-Session-Authenticated.
+                continue
+            # add, not set: every X-Session-* spelling was stripped above, and field
+            # names are unique, so there is nothing to replace (set scans all headers).
+            headers.add(header_name_for(name), encode_value(value))
         for name, value in ctx.session_headers.items():
             if normalized(name).startswith("x-session-"):
                 headers[name] = encode_value(value)

@@ -152,16 +152,34 @@ class SessionStore:
             deadline=deadline,
         )
 
+    def cached(self, token: str, key_id: str) -> tuple[bool, Session | None]:
+        """(True, the session or None if it has expired) when the near-cache can answer
+        on its own; (False, None) when Redis has to be asked (``load``)."""
+        cache = self.cache
+        if cache is None:
+            return False, None
+        fields = cache.get(self.keys.session(key_id))
+        if fields is None or "login_time" not in fields:
+            return False, None
+        return True, self.from_fields(token, fields, time.time(), key_id)
+
     async def load(
-        self, token: str, prefetch: Callable[[str], tuple[Command, ...]] | None = None
+        self,
+        token: str,
+        prefetch: Callable[[str], tuple[Command, ...]] | None = None,
+        key_id: str | None = None,
+        *,
+        cache_checked: bool = False,
     ) -> tuple[Session | None, list[Any]]:
         """The session, and the results of the commands ``prefetch(key_id)`` names, read
-        in the same pipeline. Within redis.timeout (the batch enforces it)."""
-        key_id = self.keys.key_id(token)
+        in the same pipeline. Within redis.timeout (the batch enforces it).
+        ``cache_checked``: ``cached`` already missed, so this goes to Redis."""
+        if key_id is None:
+            key_id = self.keys.key_id(token)
         extra = prefetch(key_id) if prefetch is not None else ()
         key = self.keys.session(key_id)
         cache = self.cache
-        cached = cache.get(key) if cache is not None else None
+        cached = cache.get(key) if cache is not None and not cache_checked else None
         if cached is not None:
             fields = cached
             others = (await self.reader.hgetall(None, extra))[1] if extra else []

@@ -571,6 +571,22 @@ async def test_session_field_with_control_chars_from_redis(
     assert not any("injected" in n or n == "x-session-bad-name" for n in names)
 
 
+async def test_stored_fields_cannot_shadow_the_gateways_session_headers(
+    gw: TestClient, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    # Fields named id/authenticated written by other software (a migration, a script)
+    # would map onto X-Session-Id / X-Session-Authenticated.
+    token = await login(gw, upstream, "7")
+    rdb.hset(skey(token), mapping={"id": "someone-else", "authenticated": "false"})
+    gw.session.cookie_jar.clear()
+    raw = await get_raw(gw, "/page", token=token)
+    assert status_of(raw) == 200
+    got = upstream.last
+    assert got.all("X-Session-Id") == [hashlib.sha256(token.encode()).hexdigest()]
+    assert got.all("X-Session-Authenticated") == ["true"]
+    assert got.all("X-Session-User-Id") == ["7"]
+
+
 async def test_session_field_with_control_chars_via_set(gw: TestClient, upstream: Upstream) -> None:
     token = await login(gw, upstream, "7")
     upstream.reply_headers("/prefs", ("X-Session-Set", "motto=a%0D%0AX-Injected:%201%00%C3%A9"))
