@@ -134,7 +134,10 @@ async def run(a: argparse.Namespace) -> int:
                 log(" ".join(f"{k}={v}" for k, v in row.items()))
     finally:
         children.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if a.keep:
+            log(f"kept {tmp} (configs and every process's log)")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     if a.json:
         print(json.dumps(rows))
     return 0
@@ -178,6 +181,7 @@ def main() -> None:
         "`git worktree add /tmp/base HEAD` for a before/after",
     )
     ap.add_argument("--profile", metavar="DIR", help="py-spy raw profiles of the last runs")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir with the logs")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON at the end")
     raise SystemExit(uvloop.run(run(ap.parse_args())))
 

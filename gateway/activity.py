@@ -4,6 +4,10 @@ Requests never wait for Redis here. ``record`` is synchronous and only touches a
 coalesces per session; a background task flushes it every ``flush_interval`` as one
 script call per batch, so N requests of M sessions cost ceil(M/BATCH) commands, not 4N.
 
+Through the near-cache's link, each script call also brings back the hashes of the
+sessions whose cached copy is missing or past half its age, so a session in use is kept
+in the near-cache by its own flushes rather than read again when its copy expires.
+
 No page view is counted twice: each batch carries a random id that the script claims with
 SET NX before applying anything, and a batch that failed is retried with the *same* id and
 content. If the failure was a timeout after Redis had applied it, the retry is a no-op.
@@ -17,7 +21,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -29,7 +33,7 @@ from redis.exceptions import NoScriptError
 from . import metrics
 from .config import ActivitySettings
 from .errors import REDIS_FAILURES
-from .nearcache import LinkDown, TrackingLink
+from .nearcache import LinkDown, TrackingLink, mirror
 
 log = logging.getLogger("gateway.activity")
 
@@ -39,17 +43,21 @@ _SENT = metrics.REDIS_COMMANDS.labels("activity")
 BATCH = 200
 
 # KEYS[1] = batch marker, KEYS[2..] = session hashes
-# ARGV = idle_ttl, now, JSON array with one [last_activity, page, views, deadline] per
-# session. One JSON argument instead of four per session: packing thousands of small
-# arguments costs the gateway more than Redis needs to decode them.
+# ARGV = idle_ttl, now, JSON array with one [last_activity, page, views, deadline,
+# refresh] per session. One JSON argument instead of five per session: packing thousands
+# of small arguments costs the gateway more than Redis needs to decode them.
 # Only an existing hash is touched: activity must never resurrect a logged-out session.
-# Returns the keys it found gone (or removed at their deadline), -1 for a repeated batch.
+# Returns -1 for a repeated batch, else one reply per session: 0 = gone (or removed at
+# its deadline), 1 = updated, or (refresh = 1) the whole updated hash as field, value...
+# for the near-cache. HRANDFIELD with a count above the hash's size returns every field,
+# like HGETALL; the gateway never sends it at top level, so in INFO commandstats HGETALL
+# still counts the gateway's own session reads and nothing else.
 _SCRIPT = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', 300) == false then return -1 end
 local idle = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
 local data = cjson.decode(ARGV[3])
-local gone = {}
+local out = {}
 for i = 2, #KEYS do
   local k, e = KEYS[i], data[i - 1]
   local ttl = math.min(idle, math.floor(e[4] - now))
@@ -58,11 +66,16 @@ for i = 2, #KEYS do
   if redis.call('EXPIRE', k, ttl) == 1 and ttl > 0 then
     redis.call('HSET', k, 'last_activity', e[1], 'current_page', e[2])
     redis.call('HINCRBY', k, 'page_views', e[3])
+    if e[5] == 1 then
+      out[i - 1] = redis.call('HRANDFIELD', k, 1073741824, 'WITHVALUES')
+    else
+      out[i - 1] = 1
+    end
   else
-    table.insert(gone, k)
+    out[i - 1] = 0
   end
 end
-return gone
+return out
 """
 
 
@@ -198,22 +211,57 @@ class ActivityWriter:
     async def _send(self, batch: Batch) -> None:
         """EVALSHA directly rather than redis-py's Script helper, which adds a SCRIPT
         EXISTS round trip to every pipeline."""
-        keys, args = self._encode(batch)
         link = self.link
-        if link is not None and link.up:
-            own = frozenset(batch.entries)
-            try:
-                gone = await self._eval(link.call, partial(link.call_own_write, own), keys, args)
-                # Their invalidations may be among those ignored as our own writes.
-                if isinstance(gone, list) and gone:
-                    link.cache.invalidate(gone)
-                return
-            except LinkDown:
-                # Lost mid-call: Redis may have applied it, and the retry of this batch
-                # (same id) is then skipped by the script; the pool takes it from here.
-                pass
+        if link is not None and link.up and await self._send_on_link(link, batch):
+            return
+        keys, args = self._encode(batch, ())
         call = self.redis.execute_command
         await self._eval(call, call, keys, args)
+
+    async def _send_on_link(self, link: TrackingLink, batch: Batch) -> bool:
+        """The batch through the link, bringing back the hashes the near-cache wants
+        renewed; False when the link went down first (then the pool takes the batch:
+        Redis may have applied it, and the retry is then skipped by its id)."""
+        cache = link.cache
+        # Reads like any other: a copy is stored only if no invalidation of its key
+        # came in between (see NearCache.begin).
+        began = {k: cache.begin(k) for k in batch.entries if cache.wants_refresh(k)}
+        fresh: dict[str, dict[str, str]] = {}
+        try:
+            keys, args = self._encode(batch, began)
+            own = frozenset(batch.entries)
+            try:
+                reply = await self._eval(link.call, partial(link.call_own_write, own), keys, args)
+            except LinkDown:
+                return False
+            if isinstance(reply, list):
+                fresh = self._absorb(link, keys[1:], reply)
+            return True
+        finally:
+            for k, b in began.items():
+                cache.end(k, b, fresh.get(k))
+
+    def _absorb(
+        self, link: TrackingLink, keys: list[str], reply: list[Any]
+    ) -> dict[str, dict[str, str]]:
+        """The script's per-session replies: gone sessions are invalidated (their
+        invalidations may be among those ignored as our own writes), returned hashes
+        become the cached copies, with the activity recorded since this batch was cut
+        mirrored on top, as ``touch`` did for the copy they replace."""
+        gone: list[str] = []
+        fresh: dict[str, dict[str, str]] = {}
+        for key, r in zip(keys, reply, strict=False):
+            if r == 0:
+                gone.append(key)
+            elif isinstance(r, list):
+                fields = dict(zip(r[::2], r[1::2], strict=False))
+                p = self._pending.get(key)
+                if p is None or mirror(fields, p.last_activity, p.page, p.views):
+                    fresh[key] = fields
+        if gone:
+            link.cache.invalidate(gone)
+        metrics.NEAR_CACHE_REFRESHES.inc(len(fresh))
+        return fresh
 
     async def _eval(
         self,
@@ -232,11 +280,13 @@ class ActivityWriter:
             _SENT.inc()
             return await write("EVALSHA", self._sha, len(keys), *keys, *args)
 
-    def _encode(self, batch: Batch) -> tuple[list[str], list[str | int | bytes]]:
+    def _encode(
+        self, batch: Batch, refresh: Container[str]
+    ) -> tuple[list[str], list[str | int | bytes]]:
         keys = [f"{self.key_prefix}gw:activity:{batch.id}", *batch.entries]
         data = [
-            [f"{p.last_activity:.3f}", p.page, p.views, round(p.deadline, 3)]
-            for p in batch.entries.values()
+            [f"{p.last_activity:.3f}", p.page, p.views, round(p.deadline, 3), int(k in refresh)]
+            for k, p in batch.entries.items()
         ]
         return keys, [self.idle_ttl, f"{time.time():.3f}", orjson.dumps(data)]
 

@@ -34,3 +34,7 @@ NEAR_CACHE = Counter(
 NEAR_CACHE_INVALIDATIONS = Counter(
     "gateway_near_cache_invalidations_total", "Keys invalidated by Redis (tracking pushes)"
 )
+NEAR_CACHE_REFRESHES = Counter(
+    "gateway_near_cache_refreshes_total",
+    "Cached sessions renewed from the hash the activity flush brought back",
+)

@@ -21,7 +21,10 @@ Rules that keep it correct:
   was (re)enabled, is not stored: it may predate the change.
 - Entries are also dropped after ``max_age`` seconds (each after a random 50-100 % of
   it), as a bound should an invalidation ever be lost, and the least recently used go
-  first beyond ``max_entries``.
+  first beyond ``max_entries``. A session in use does not wait for that: once its copy
+  is past half of ``max_age``, the next activity flush (activity.py) brings its whole
+  hash back from Redis, read in the same script that wrote the activity, and the copy
+  is renewed from it, under the same rule as any read.
 
 Staleness is bounded by how fast an invalidation travels from Redis to this process
 (well under a millisecond on a LAN); a change made through this process (login, logout,
@@ -117,14 +120,17 @@ class NearCache:
     def touch(self, key: str, now: float, page: str) -> None:
         """Mirror one recorded request's activity (what the flush will write)."""
         entry = self._entries.get(key)
-        if entry is not None:
-            fields = entry[0]
-            fields["last_activity"] = f"{now:.3f}"
-            fields["current_page"] = page
-            try:
-                fields["page_views"] = str(int(fields.get("page_views", "0")) + 1)
-            except ValueError:
-                del self._entries[key]
+        if entry is not None and not mirror(entry[0], now, page, 1):
+            del self._entries[key]
+
+    def wants_refresh(self, key: str) -> bool:
+        """Whether the activity flush should bring ``key``'s hash back for this cache:
+        there is no copy, or it is past half of ``max_age``. A session in use is then
+        renewed by its own flushes before it expires, instead of costing a read."""
+        if not self.enabled:
+            return False
+        entry = self._entries.get(key)
+        return entry is None or time.monotonic() - entry[1] > self.max_age / 2
 
     def invalidate(self, keys: list[str] | None) -> None:
         """Forget ``keys`` (None: everything, as after FLUSHDB)."""
@@ -151,6 +157,18 @@ class NearCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def mirror(fields: dict[str, str], last_activity: float, page: str, views: int) -> bool:
+    """Apply recorded activity to a copy of a session hash the way the activity script
+    will apply it in Redis; False when the copy's page_views is not a number."""
+    try:
+        fields["page_views"] = str(int(fields.get("page_views", "0")) + views)
+    except ValueError:
+        return False
+    fields["last_activity"] = f"{last_activity:.3f}"
+    fields["current_page"] = page
+    return True
 
 
 _WINDOW_END = object()
@@ -214,10 +232,11 @@ class TrackingLink:
         reply to any command we send once that reply is in. So pushes for ``keys`` are
         ignored from the script's reply until the reply to a PING sent on receiving it;
         where Redis honours NOLOOP for scripts there are none to ignore. The script
-        returns the keys it found gone, which the caller invalidates itself.
+        reports the keys it found gone, which the caller invalidates itself.
 
         The price: another client's change to one of ``keys`` landing in that window
-        (one round trip) is missed too; ``max_age`` bounds how long that can last.
+        (one round trip) is missed too, until the copy is renewed by a later flush of
+        that session (which reads the hash after the change) or ``max_age`` ends it.
         """
         return await self._send(args, keys)
 

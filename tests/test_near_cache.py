@@ -11,7 +11,8 @@ from typing import Any
 import redis
 from aiohttp.test_utils import TestClient
 
-from gateway.app import GATEWAY
+from gateway import metrics
+from gateway.app import ACTIVITY, GATEWAY
 from gateway.sessions import public_id
 
 from .conftest import GatewayFactory, RedisServer, Upstream, base_config, login, wait_for
@@ -193,6 +194,73 @@ async def test_max_age_bounds_an_entry(
     await asyncio.sleep(0.3)
     await page(gw, upstream, token)
     assert hgetalls(rdb) - before == 2
+
+
+async def test_a_session_in_use_is_renewed_by_its_flushes_not_read_again(
+    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    cfg = base_config(redis_server.url, upstream.url)
+    cfg["session"]["near_cache"] = {"max_age": 0.4}
+    cfg["activity"] = {"flush_interval": 0.05}
+    gw = await cached_gateway(make_gateway, config=cfg)
+    token = await login(gw, upstream)
+    renewed = metrics.NEAR_CACHE_REFRESHES._value.get()
+    before = hgetalls(rdb)
+    deadline = time.monotonic() + 2.4
+    views = []
+    while time.monotonic() < deadline:
+        assert await page(gw, upstream, token) == "true"
+        views.append(int(upstream.last.header("X-Session-Page-Views") or -1))
+        await asyncio.sleep(0.03)
+    # Each copy would expire within 0.4 s (six or more reads in 2.4 s); the flushes of
+    # this session's own activity renew it instead. One read at the start, one spare
+    # for a stalled test machine.
+    assert hgetalls(rdb) - before <= 2
+    assert metrics.NEAR_CACHE_REFRESHES._value.get() > renewed
+    # The renewed copies kept every view, including those recorded while a flush was
+    # on its way (the header counts the views before the request).
+    assert views == list(range(views[0], views[0] + len(views)))
+
+
+async def test_a_renewed_copy_keeps_the_activity_recorded_during_its_flush(
+    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    cfg = no_expiry(redis_server, upstream)
+    cfg["activity"] = {"flush_interval": 5}  # flushes only when the test says
+    gw = await cached_gateway(make_gateway, config=cfg)
+    writer = gw.server.app[ACTIVITY]
+    cache = _cache(gw)
+    token = await login(gw, upstream)
+    await page(gw, upstream, token, "/first")
+    assert await writer.flush()
+    key = f"session:{public_id(token)}"
+    views = int(rdb.hget(key, "page_views") or -1)
+    fields, _ = cache._entries[key]
+    cache._entries[key] = (fields, time.monotonic() - 3000)  # past half of max_age
+    assert cache.wants_refresh(key)
+    deadline = time.time() + 3600
+
+    def visit(path: str) -> None:  # what record_activity does for a request
+        now = time.time()
+        writer.record(key, path, deadline)
+        cache.touch(key, now, path)
+
+    visit("/a")
+    flush = asyncio.create_task(writer.flush())
+    await asyncio.sleep(0)  # the batch with /a is cut and on its way
+    assert not writer._pending
+    visit("/b")  # recorded while that flush is in flight
+    assert await flush is False  # /b is left for the next one
+    assert not writer._retry, "the batch with /a was applied"
+    copy, stored = cache._entries[key]
+    assert time.monotonic() - stored < 3000, "the copy was not renewed"
+    assert copy["current_page"] == "/b"
+    assert copy["page_views"] == str(views + 2)
+    # Redis holds /a until the next flush, after which copy and Redis agree.
+    assert rdb.hget(key, "page_views") == str(views + 1)
+    assert await writer.flush()
+    assert rdb.hget(key, "page_views") == copy["page_views"]
+    assert rdb.hget(key, "current_page") == "/b"
 
 
 async def test_disabled_reads_every_time(
