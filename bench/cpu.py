@@ -45,7 +45,7 @@ from bench.procs import (
     start_redis,
     wait_port,
 )
-from bench.sessions import login_sessions, write_cookie_file
+from bench.sessions import RedisCounter, login_sessions, write_cookie_file
 from bench.wrk import run_wrk
 
 PAGE = "/products/laptop-123"
@@ -118,10 +118,14 @@ async def run(a: argparse.Namespace) -> int:
                         "-d", str(int(a.dur)), "-r", "200", "-f", "raw", "-o", str(out),
                         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
                     )  # fmt: skip
+                counter = RedisCounter(f"redis://127.0.0.1:{redis_port}/0")
+                await counter.start()
                 before = {n: cpu_seconds([p]) for n, p in procs.items()}
                 w = await run_wrk(url, paths[key], cookies, tmp, pin, a.dur, a.connections,
                                   rate=a.rate)  # fmt: skip
                 after = {n: cpu_seconds([p]) for n, p in procs.items()}
+                delta = await counter.stop()
+                await counter.close()
                 if spy is not None:
                     await spy.wait()
                 n = max(1, w.requests)
@@ -130,6 +134,8 @@ async def run(a: argparse.Namespace) -> int:
                                        "p99_ms": w.p99_ms}  # fmt: skip
                 for name in procs:
                     row[f"{name}_us"] = round((after[name] - before[name]) / n * 1e6)
+                # Session reads that missed the near-cache (the script never sends one).
+                row["hgetall"] = round(delta.by_cmd.get("hgetall", 0) / n, 3)
                 rows.append(row)
                 log(" ".join(f"{k}={v}" for k, v in row.items()))
     finally:

@@ -163,9 +163,14 @@ class ActivityWriter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), backoff)
             self._wake.clear()
-            ok = await self.flush()
+            await self.flush()
+            # Back off only while batches wait for a retry (Redis failed). Activity that
+            # arrived during the flush is no failure: under steady traffic there always
+            # is some, and treating it as one stretched the interval to max_backoff.
             backoff = (
-                self.settings.flush_interval if ok else min(backoff * 2, self.settings.max_backoff)
+                min(backoff * 2, self.settings.max_backoff)
+                if self._retry
+                else self.settings.flush_interval
             )
 
     async def flush(self) -> bool:

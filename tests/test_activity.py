@@ -84,6 +84,32 @@ def test_buffer_is_bounded_and_drops_oldest() -> None:
     asyncio.run(run())
 
 
+async def test_steady_traffic_keeps_the_flush_interval(
+    redis_server: RedisServer, rdb: redis.Redis
+) -> None:
+    """Activity arriving during every flush is not a failure: the writer must not back
+    off as if Redis were down (it did, stretching the interval to max_backoff)."""
+    rdb.hset("session:s", mapping={"login_time": f"{time.time():.3f}", "page_views": "0"})
+    r = aioredis.Redis(port=redis_server.port)
+    w = ActivityWriter(r, ActivitySettings(flush_interval=0.05, max_backoff=5), idle_ttl=60)
+    before = metrics.ACTIVITY_FLUSHES.labels("ok")._value.get()
+    w.start()
+    deadline = time.time() + 3600
+    views = 0
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        # A request on every turn of the loop, so some always arrive during a flush.
+        w.record("session:s", "/steady", deadline)
+        views += 1
+        await asyncio.sleep(0)
+    flushes = metrics.ACTIVITY_FLUSHES.labels("ok")._value.get() - before
+    # 1.5 s at 0.05 s is ~30 flushes; backing off (0.05, 0.1, 0.2, 0.4, 0.8 s) gives 5.
+    assert flushes >= 12, flushes
+    await w.stop()
+    assert rdb.hget("session:s", "page_views") == str(views)
+    await r.aclose()
+
+
 async def test_failed_flush_is_retried_and_merged_without_double_count(
     redis_server: RedisServer, rdb: redis.Redis
 ) -> None:
