@@ -16,8 +16,7 @@ Extra gateway config can be merged in with `--set`, e.g.
 `--set session.near_cache.enabled=false` (values are parsed as YAML). Scenario x is e
 through a second gateway, configured with `--set-x` and/or run from another checkout
 with `--x-root` (a before/after of a code change in one session: `--only ex --x-root
-/tmp/base`). Both gateways share Redis, so while one is loaded the other still handles
-the near-cache invalidations the first one's writes cause (on the same CPU).
+/tmp/base`). Each gateway has its own Redis and its own sessions.
 """
 
 from __future__ import annotations
@@ -80,34 +79,35 @@ async def run(a: argparse.Namespace) -> int:
             pin.wrap([PYTHON, "-m", "bench.backend", "--port", str(backend_port)],
                      pin.server_cpus), tmp)  # fmt: skip
         wait_port(backend, backend_port)
-        redis, redis_port = start_redis(children, tmp, pin, "redis")
-        gws: dict[str, tuple[str, Child]] = {}  # scenario -> (gateway URL, process)
+        # scenario -> (gateway URL, gateway, its Redis, that Redis's port, cookie file)
+        gws: dict[str, tuple[str, Child, Child, int, Path]] = {}
         for key, sets in (("e", a.set), ("x", a.set_x)):
             if key not in a.only and not (key == "e" and "d" in a.only):
                 continue
+            # A Redis per gateway: with a shared one, each gateway's writes would empty
+            # the other's near-cache between their runs.
+            redis, redis_port = start_redis(children, tmp, pin, f"redis-{key}")
             port = free_port()
             cfg = gateway_proc.gateway_config(port, redis_port, backend_port)
             for s in sets:
                 apply_set(cfg, s)
             name = "gateway" if key == "e" else "gateway-x"
             root = Path(a.x_root).resolve() if key == "x" and a.x_root else None
-            gws[key] = (f"http://127.0.0.1:{port}",
-                        gateway_proc.start_gateway(children, tmp, pin, name, cfg, port,
-                                                   root=root))  # fmt: skip
+            gw = gateway_proc.start_gateway(children, tmp, pin, name, cfg, port, root=root)
+            url = f"http://127.0.0.1:{port}"
+            cookies = write_cookie_file(
+                tmp / f"cookies-{key}.txt", await login_sessions(url, a.sessions)
+            )
+            gws[key] = (url, gw, redis, redis_port, cookies)
         if "d" in a.only:
             gws["d"] = gws["e"]
-        # Sessions live in the shared Redis, so one login path serves every gateway.
-        first_url = next(iter(gws.values()))[0]
-        cookies = write_cookie_file(
-            tmp / "cookies.txt", await login_sessions(first_url, a.sessions)
-        )
         paths = {"d": "/nosession" + PAGE, "e": PAGE, "x": PAGE}
         for key in a.only:  # warm-up: pools, near-cache
-            await run_wrk(gws[key][0], paths[key], cookies, tmp, pin, 2, a.connections,
-                          rate=a.rate)  # fmt: skip
+            url, _, _, _, cookies = gws[key]
+            await run_wrk(url, paths[key], cookies, tmp, pin, 2, a.connections, rate=a.rate)
         for rep in range(a.reps):
             for key in a.only:
-                url, gw = gws[key]
+                url, gw, redis, redis_port, cookies = gws[key]
                 procs = {"gateway": gw.pid, "backend": backend.pid, "redis": redis.pid}
                 spy = None
                 if a.profile and rep == a.reps - 1:

@@ -125,12 +125,14 @@ class NearCache:
 
     def wants_refresh(self, key: str) -> bool:
         """Whether the activity flush should bring ``key``'s hash back for this cache:
-        there is no copy, or it is past half of ``max_age``. A session in use is then
-        renewed by its own flushes before it expires, instead of costing a read."""
+        its copy is past half of ``max_age``. A session in use is then renewed by its
+        own flushes before it expires, instead of costing a read. A key without a copy
+        is not filled this way: with more sessions in use than ``max_entries`` most such
+        fills would be evicted unread."""
         if not self.enabled:
             return False
         entry = self._entries.get(key)
-        return entry is None or time.monotonic() - entry[1] > self.max_age / 2
+        return entry is not None and time.monotonic() - entry[1] > self.max_age / 2
 
     def invalidate(self, keys: list[str] | None) -> None:
         """Forget ``keys`` (None: everything, as after FLUSHDB)."""
