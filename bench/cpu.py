@@ -16,7 +16,9 @@ Extra gateway config can be merged in with `--set`, e.g.
 `--set session.near_cache.enabled=false` (values are parsed as YAML). Scenario x is e
 through a second gateway, configured with `--set-x` and/or run from another checkout
 with `--x-root` (a before/after of a code change in one session: `--only ex --x-root
-/tmp/base`). Each gateway has its own Redis and its own sessions.
+/tmp/base`). Each gateway has its own Redis and its own sessions. A gateway left idle
+while the others run longer than `near_cache.max_age` starts its next run with expired
+copies: `hgetall` (session reads per request) shows those first misses.
 """
 
 from __future__ import annotations

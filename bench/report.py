@@ -27,8 +27,9 @@ LOAD_TESTS = {
 }
 SCRIPT_NOTE = (
     "executed > sent because Redis runs 3 commands inside the write-behind activity "
-    "script per flushed session (EXPIRE, HSET, HINCRBY), plus one SET NX per script call "
-    "(batch of up to 200 sessions); INFO total_commands_processed counts those too"
+    "script per flushed session (EXPIRE, HSET, HINCRBY), an HRANDFIELD per session whose "
+    "near-cache copy the flush renews, plus one SET NX per script call (batch of up to 200 "
+    "sessions); INFO total_commands_processed counts those too"
 )
 
 
