@@ -48,3 +48,24 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert data["memory"]["sessions"] == 2_000
     assert (out / "latest.md").read_text().startswith("# Session Gateway benchmark")
     assert (out / "latest.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_cpu_smoke() -> None:
+    """`python -m bench.cpu`, the before/after tool, runs d, e and x and reports CPU."""
+    why = ensure_system_package("wrk", "wrk")
+    if why:
+        pytest.skip(f"wrk is needed for the benchmark and could not be installed: {why}")
+    cmd = [
+        sys.executable, "-m", "bench.cpu", "--dur", "1", "--reps", "1", "--sessions", "20",
+        "--connections", "4", "--only", "dex", "--set-x", "routes.2.session_fields=[]",
+        "--json",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [r["scenario"] for r in rows] == ["d", "e", "x"]
+    for r in rows:
+        assert r["rps"] > 0 and r["errors"] == 0, r
+        assert r["gateway_us"] > 0 and r["backend_us"] > 0, r
+    assert rows[0]["hgetall"] == 0  # d reads no session
