@@ -28,6 +28,7 @@ from bench.procs import (
     ensure_system_package,
     free_port,
     log,
+    start_backend,
     start_redis,
     wait_port,
 )
@@ -303,12 +304,7 @@ async def run(a: argparse.Namespace) -> int:
             log(f"gateway: {gw_missing}; scenarios d, e and f are skipped")
 
         log("starting the fast backend")
-        backend_port = free_port()
-        backend = children.start(
-            "backend",
-            pin.wrap([PYTHON, "-m", "bench.backend", "--port", str(backend_port)],
-                     pin.server_cpus), tmp)  # fmt: skip
-        wait_port(backend, backend_port)
+        backend, backend_port = start_backend(children, tmp, pin)
         backend_url = f"http://127.0.0.1:{backend_port}"
 
         targets: dict[str, Target] = {}

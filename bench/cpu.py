@@ -43,8 +43,8 @@ from bench.procs import (
     cpu_seconds,
     free_port,
     log,
+    start_backend,
     start_redis,
-    wait_port,
 )
 from bench.sessions import RedisCounter, login_sessions, write_cookie_file
 from bench.wrk import run_wrk
@@ -75,12 +75,7 @@ async def run(a: argparse.Namespace) -> int:
     children = Children()
     rows: list[dict[str, Any]] = []
     try:
-        backend_port = free_port()
-        backend = children.start(
-            "backend",
-            pin.wrap([PYTHON, "-m", "bench.backend", "--port", str(backend_port)],
-                     pin.server_cpus), tmp)  # fmt: skip
-        wait_port(backend, backend_port)
+        backend, backend_port = start_backend(children, tmp, pin)
         # scenario -> (gateway URL, gateway, its Redis, that Redis's port, cookie file)
         gws: dict[str, tuple[str, Child, Child, int, Path]] = {}
         for key, sets in (("e", a.set), ("x", a.set_x)):

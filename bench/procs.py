@@ -170,6 +170,15 @@ def start_redis(children: Children, log_dir: Path, pin: Pinning, name: str) -> t
     return child, port
 
 
+def start_backend(children: Children, log_dir: Path, pin: Pinning) -> tuple[Child, int]:
+    """The fast backend (bench/backend.py) on the server CPUs and a free port."""
+    port = free_port()
+    cmd = [PYTHON, "-m", "bench.backend", "--port", str(port)]
+    child = children.start("backend", pin.wrap(cmd, pin.server_cpus), log_dir)
+    wait_port(child, port)
+    return child, port
+
+
 def _descendants(pid: int) -> list[int]:
     # One pass over /proc: the gateway (or nginx) may run workers as children, and their
     # memory is the proxy's memory too.
