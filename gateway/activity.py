@@ -67,7 +67,10 @@ for i = 2, #KEYS do
     redis.call('HSET', k, 'last_activity', e[1], 'current_page', e[2])
     redis.call('HINCRBY', k, 'page_views', e[3])
     if e[5] == 1 then
-      out[i - 1] = redis.call('HRANDFIELD', k, 1073741824, 'WITHVALUES')
+      local h = redis.pcall('HRANDFIELD', k, 1073741824, 'WITHVALUES')
+      -- Redis < 6.2 has no HRANDFIELD: an error here would abort the script half done.
+      if h.err then h = redis.call('HGETALL', k) end
+      out[i - 1] = h
     else
       out[i - 1] = 1
     end
@@ -240,31 +243,38 @@ class ActivityWriter:
             except LinkDown:
                 return False
             if isinstance(reply, list):
-                fresh = self._absorb(link, keys[1:], reply)
+                fresh = self._absorb(link, batch, keys[1:], reply)
             return True
         finally:
             for k, b in began.items():
-                cache.end(k, b, fresh.get(k))
+                cache.end(k, b, fresh.get(k), spread=False)
 
     def _absorb(
-        self, link: TrackingLink, keys: list[str], reply: list[Any]
+        self, link: TrackingLink, batch: Batch, keys: list[str], reply: list[Any]
     ) -> dict[str, dict[str, str]]:
         """The script's per-session replies: gone sessions are invalidated (their
         invalidations may be among those ignored as our own writes), returned hashes
-        become the cached copies, with the activity recorded since this batch was cut
-        mirrored on top, as ``touch`` did for the copy they replace."""
+        become the cached copies, with the activity not yet in Redis mirrored on top, as
+        ``touch`` did for the copy they replace: batches still waiting behind this one
+        (after a failed flush they can hold the same sessions), then what was recorded
+        since the last flush began."""
         gone: list[str] = []
         fresh: dict[str, dict[str, str]] = {}
         for key, r in zip(keys, reply, strict=False):
             if r == 0:
                 gone.append(key)
             elif isinstance(r, list):
-                fields = dict(zip(r[::2], r[1::2], strict=False))
-                p = self._pending.get(key)
-                if p is None or mirror(fields, p.last_activity, p.page, p.views):
-                    fresh[key] = fields
+                fresh[key] = dict(zip(r[::2], r[1::2], strict=False))
         if gone:
             link.cache.invalidate(gone)
+        if fresh:
+            later = [b.entries for b in self._retry if b is not batch]
+            for key in list(fresh):
+                for entries in (*later, self._pending):
+                    p = entries.get(key)
+                    if p is not None and not mirror(fresh[key], p.last_activity, p.page, p.views):
+                        del fresh[key]
+                        break
         metrics.NEAR_CACHE_REFRESHES.inc(len(fresh))
         return fresh
 

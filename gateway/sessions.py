@@ -158,8 +158,9 @@ class SessionStore:
         cache = self.cache
         if cache is None:
             return False, None
-        fields = cache.get(self.keys.session(key_id))
-        if fields is None or "login_time" not in fields:
+        # A copy without login_time (migrated data) needs load's one-time write.
+        fields = cache.get(self.keys.session(key_id), require="login_time")
+        if fields is None:
             return False, None
         return True, self.from_fields(token, fields, time.time(), key_id)
 

@@ -43,9 +43,10 @@ def free_port() -> int:
 class RedisServer:
     """A private redis-server on a free port; can be killed and restarted on that port."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.dir = tmp
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,6 +72,7 @@ class RedisServer:
                 "no",
                 "--enable-debug-command",
                 "local",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

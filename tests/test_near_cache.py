@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -261,6 +262,83 @@ async def test_a_renewed_copy_keeps_the_activity_recorded_during_its_flush(
     assert await writer.flush()
     assert rdb.hget(key, "page_views") == copy["page_views"]
     assert rdb.hget(key, "current_page") == "/b"
+
+
+async def test_a_renewal_after_failed_flushes_keeps_the_activity_still_waiting(
+    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """Redis refuses writes (maxmemory reached) while the link stays up: two failed
+    flushes leave two batches of the same session waiting. When the first goes through
+    with a renewal, the copy must also carry the second."""
+    cfg = no_expiry(redis_server, upstream)
+    cfg["activity"] = {"flush_interval": 5}
+    gw = await cached_gateway(make_gateway, config=cfg)
+    writer = gw.server.app[ACTIVITY]
+    cache = _cache(gw)
+    token = await login(gw, upstream)
+    await page(gw, upstream, token, "/first")
+    assert await writer.flush()
+    key = f"session:{public_id(token)}"
+    rdb.config_set("maxmemory-policy", "noeviction")
+    rdb.config_set("maxmemory", "1")
+    try:
+        await page(gw, upstream, token, "/a")
+        assert await writer.flush() is False
+        await page(gw, upstream, token, "/b")
+        assert await writer.flush() is False
+        assert len(writer._retry) == 2
+    finally:
+        rdb.config_set("maxmemory", "0")
+    assert cache.enabled, "the link stayed up"
+    fields, _ = cache._entries[key]
+    cache._entries[key] = (fields, time.monotonic() - 3000)  # due for renewal
+    assert await writer.flush()
+    copy, stored = cache._entries[key]
+    assert time.monotonic() - stored < 3000, "the copy was not renewed"
+    assert rdb.hget(key, "current_page") == "/b"
+    assert copy["current_page"] == "/b"
+    assert copy["page_views"] == rdb.hget(key, "page_views")
+
+
+async def test_renewal_works_on_a_redis_without_hrandfield(
+    make_gateway: GatewayFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    """Redis 6.0/6.1 have tracking but no HRANDFIELD: the script falls back to HGETALL
+    instead of failing half-way (which would lose the activity of the rest of the
+    batch, its id already claimed). Simulated by renaming the command away."""
+    (tmp_path / "old").mkdir()
+    old = RedisServer(tmp_path / "old", extra_args=("--rename-command", "HRANDFIELD", ""))
+    old.start()
+    try:
+        cfg = base_config(old.url, upstream.url)
+        cfg["session"]["near_cache"] = {"max_age": 3600}
+        cfg["activity"] = {"flush_interval": 5}
+        gw = await cached_gateway(make_gateway, config=cfg)
+        writer = gw.server.app[ACTIVITY]
+        cache = _cache(gw)
+        rdb = old.client()
+        tokens = []
+        for i in range(3):
+            gw.session.cookie_jar.clear()  # or each login would rotate the one before
+            tokens.append(await login(gw, upstream, user_id=str(i)))
+        gw.session.cookie_jar.clear()
+        for t in tokens:
+            await page(gw, upstream, t, "/first")
+        assert await writer.flush()
+        keys = [f"session:{public_id(t)}" for t in tokens]
+        views = [int(rdb.hget(k, "page_views") or -1) for k in keys]
+        fields, _ = cache._entries[keys[0]]
+        cache._entries[keys[0]] = (fields, time.monotonic() - 3000)  # due for renewal
+        for t in tokens:
+            await page(gw, upstream, t, "/again")
+        assert await writer.flush()
+        assert [int(rdb.hget(k, "page_views") or -1) for k in keys] == [v + 1 for v in views]
+        copy, stored = cache._entries[keys[0]]
+        assert time.monotonic() - stored < 3000, "the copy was not renewed"
+        assert copy["page_views"] == str(views[0] + 1)
+        rdb.close()
+    finally:
+        old.kill()
 
 
 async def test_disabled_reads_every_time(
