@@ -94,6 +94,8 @@ class Pending:
 class Batch:
     id: str
     entries: dict[str, Pending]
+    # Sent at least once: until it is acknowledged, Redis may or may not hold it.
+    sent: bool = False
 
 
 class ActivityWriter:
@@ -131,6 +133,22 @@ class ActivityWriter:
         if self.pending_count() >= self.settings.max_pending:
             self._drop_oldest()
         self._pending[key] = Pending(now, page, 1, deadline)
+
+    def unflushed(self, key: str) -> list[Pending] | None:
+        """This process's activity for session ``key`` that Redis does not hold yet,
+        oldest first; None when that cannot be told (a batch holding it is on its way,
+        or timed out and may have been applied)."""
+        out: list[Pending] = []
+        for b in self._retry:
+            p = b.entries.get(key)
+            if p is not None:
+                if b.sent:
+                    return None
+                out.append(p)
+        p = self._pending.get(key)
+        if p is not None:
+            out.append(p)
+        return out
 
     def pending_count(self) -> int:
         return len(self._pending) + sum(len(b.entries) for b in self._retry)
@@ -191,6 +209,7 @@ class ActivityWriter:
         # applied it, so a failure part-way keeps exactly the batches not yet sent.
         while self._retry:
             batch = self._retry[0]
+            batch.sent = True
             try:
                 async with asyncio.timeout(self.settings.flush_timeout):
                     await self._send(batch)

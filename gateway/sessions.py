@@ -18,9 +18,10 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from . import metrics
+from .activity import Pending
 from .batching import BatchedReader, Command
 from .config import SessionSettings
-from .nearcache import NearCache, TrackingLink
+from .nearcache import NearCache, TrackingLink, mirror
 
 _WRITES = metrics.REDIS_COMMANDS.labels("session_write")
 _READS = metrics.REDIS_COMMANDS.labels("session_read")
@@ -112,6 +113,8 @@ class SessionStore:
         self.reader = BatchedReader(redis, timeout)
         self.cache = cache
         self.link: TrackingLink | None = None  # set with the cache (nearcache.py)
+        # ActivityWriter.unflushed, set once the writer exists (app.py).
+        self.unflushed: Callable[[str], list[Pending] | None] | None = None
 
     def forget(self, *key_ids: str) -> None:
         """Drop sessions this process changed from the near-cache before answering (the
@@ -152,6 +155,20 @@ class SessionStore:
             deadline=deadline,
         )
 
+    def _add_unflushed(self, key: str, fields: dict[str, str]) -> bool:
+        """Apply this process's activity not yet in Redis to a hash just read from it, as
+        the cached copies have it (``touch``), so that the session's page views never go
+        back between a cached and a read request. False when that activity cannot be
+        told (``ActivityWriter.unflushed``)."""
+        if not fields or self.unflushed is None:
+            return True
+        waiting = self.unflushed(key)
+        if waiting is None:
+            return False
+        for p in waiting:
+            mirror(fields, p.last_activity, p.page, p.views)
+        return True
+
     def cached(self, token: str, key_id: str) -> tuple[bool, Session | None]:
         """(True, the session or None if it has expired) when the near-cache can answer
         on its own; (False, None) when Redis has to be asked (``load``)."""
@@ -187,6 +204,7 @@ class SessionStore:
         elif cache is not None and cache.enabled:
             began = cache.begin(key)
             fields = {}
+            known = False
             try:
                 link = self.link
                 if not extra and link is not None and link.up:
@@ -198,10 +216,13 @@ class SessionStore:
                     fields, others = await link.call("HGETALL", key), []
                 else:
                     fields, others = await self.reader.hgetall(key, extra)
+                known = self._add_unflushed(key, fields)
             finally:
-                cache.end(key, began, fields)
+                # A copy that may lack or double an activity flush in flight is not kept.
+                cache.end(key, began, fields if known else None)
         else:
             fields, others = await self.reader.hgetall(key, extra)
+            self._add_unflushed(key, fields)
         now = time.time()
         session = self.from_fields(token, fields, now, key_id)
         if session is not None and "login_time" not in fields:

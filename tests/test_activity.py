@@ -19,7 +19,15 @@ from gateway.app import ACTIVITY
 from gateway.config import ActivitySettings
 from gateway.sessions import public_id
 
-from .conftest import RedisServer, Upstream, base_config, login, start_backend, wait_for
+from .conftest import (
+    RedisServer,
+    Upstream,
+    base_config,
+    free_port,
+    login,
+    start_backend,
+    wait_for,
+)
 
 
 def _key(token: str) -> str:
@@ -107,6 +115,26 @@ async def test_steady_traffic_keeps_the_flush_interval(
     assert flushes >= 12, flushes
     await w.stop()
     assert rdb.hget("session:s", "page_views") == str(views)
+    await r.aclose()
+
+
+async def test_unflushed_activity_is_unknown_once_its_batch_was_sent() -> None:
+    """What a session read may add on top of Redis: nothing it cannot be sure of. A sent
+    batch that failed (a timeout may still have been applied) makes it unknown."""
+    r = aioredis.Redis(port=free_port(), socket_connect_timeout=0.2)  # nothing listens
+    w = ActivityWriter(r, ActivitySettings(flush_timeout=0.5), idle_ttl=60)
+    deadline = time.time() + 3600
+    w.record("session:a", "/1", deadline)
+    w.record("session:a", "/2", deadline)
+    got = w.unflushed("session:a")
+    assert got is not None and [(p.page, p.views) for p in got] == [("/2", 2)]
+    assert w.unflushed("session:other") == []
+    assert await w.flush() is False  # sent, refused: kept for retry
+    w.record("session:a", "/3", deadline)
+    w.record("session:b", "/b", deadline)
+    assert w.unflushed("session:a") is None
+    got = w.unflushed("session:b")
+    assert got is not None and [(p.page, p.views) for p in got] == [("/b", 1)]
     await r.aclose()
 
 

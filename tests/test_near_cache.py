@@ -341,6 +341,32 @@ async def test_renewal_works_on_a_redis_without_hrandfield(
         old.kill()
 
 
+async def test_a_read_after_an_invalidation_keeps_the_unflushed_views(
+    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """A copy dropped by another client's change is read again from Redis, which does not
+    hold this process's last views yet: the read copy gets them, or the count the
+    backend sees would go back and the cached copy would stay short."""
+    cfg = no_expiry(redis_server, upstream)
+    cfg["activity"] = {"flush_interval": 5}  # nothing is flushed during the test
+    gw = await cached_gateway(make_gateway, config=cfg)
+    cache = _cache(gw)
+    token = await login(gw, upstream)
+    seen = []
+    for _ in range(3):
+        await page(gw, upstream, token)
+        seen.append(int(upstream.last.header("X-Session-Page-Views") or -1))
+    key = f"session:{public_id(token)}"
+    rdb.hset(key, "tier", "gold")  # another client: our copy is invalidated
+    await wait_for(lambda: key not in cache._entries)
+    for _ in range(2):
+        await page(gw, upstream, token)
+        seen.append(int(upstream.last.header("X-Session-Page-Views") or -1))
+    assert upstream.last.header("X-Session-Tier") == "gold"
+    assert seen == list(range(seen[0], seen[0] + 5))
+    assert cache._entries[key][0]["page_views"] == str(seen[-1] + 1)
+
+
 async def test_disabled_reads_every_time(
     make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream, rdb: redis.Redis
 ) -> None:
