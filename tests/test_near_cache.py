@@ -60,6 +60,35 @@ async def page(client: TestClient, upstream: Upstream, token: str, path: str = "
     return upstream.last.header("X-Session-Authenticated") or ""
 
 
+def due_for_renewal(cache: Any, key: str) -> None:
+    """Age ``key``'s copy past half of max_age (not past max_age: it is still served)."""
+    fields, _ = cache._entries[key]
+    cache._entries[key] = (fields, time.monotonic() - 3000)
+    assert cache.wants_refresh(key)
+
+
+def renewed(cache: Any, key: str) -> dict[str, str]:
+    copy, stored = cache._entries[key]
+    assert time.monotonic() - stored < 3000, "the copy was not renewed"
+    return dict(copy)
+
+
+async def flushed_by_hand(
+    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream
+) -> tuple[TestClient, Any, Any, str, str]:
+    """A gateway whose copies never age out and whose activity is flushed only when the
+    test says, with one session that has one view flushed: (client, writer, cache, token,
+    its session key)."""
+    cfg = no_expiry(redis_server, upstream)
+    cfg["activity"] = {"flush_interval": 5}
+    gw = await cached_gateway(make_gateway, config=cfg)
+    writer = gw.server.app[ACTIVITY]
+    token = await login(gw, upstream)
+    await page(gw, upstream, token, "/first")
+    assert await writer.flush()
+    return gw, writer, _cache(gw), token, f"session:{public_id(token)}"
+
+
 async def test_repeat_requests_skip_the_session_read(
     make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
 ) -> None:
@@ -226,19 +255,9 @@ async def test_a_session_in_use_is_renewed_by_its_flushes_not_read_again(
 async def test_a_renewed_copy_keeps_the_activity_recorded_during_its_flush(
     make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream, rdb: redis.Redis
 ) -> None:
-    cfg = no_expiry(redis_server, upstream)
-    cfg["activity"] = {"flush_interval": 5}  # flushes only when the test says
-    gw = await cached_gateway(make_gateway, config=cfg)
-    writer = gw.server.app[ACTIVITY]
-    cache = _cache(gw)
-    token = await login(gw, upstream)
-    await page(gw, upstream, token, "/first")
-    assert await writer.flush()
-    key = f"session:{public_id(token)}"
+    _, writer, cache, _, key = await flushed_by_hand(make_gateway, redis_server, upstream)
     views = int(rdb.hget(key, "page_views") or -1)
-    fields, _ = cache._entries[key]
-    cache._entries[key] = (fields, time.monotonic() - 3000)  # past half of max_age
-    assert cache.wants_refresh(key)
+    due_for_renewal(cache, key)
     deadline = time.time() + 3600
 
     def visit(path: str) -> None:  # what record_activity does for a request
@@ -253,8 +272,7 @@ async def test_a_renewed_copy_keeps_the_activity_recorded_during_its_flush(
     visit("/b")  # recorded while that flush is in flight
     assert await flush is False  # /b is left for the next one
     assert not writer._retry, "the batch with /a was applied"
-    copy, stored = cache._entries[key]
-    assert time.monotonic() - stored < 3000, "the copy was not renewed"
+    copy = renewed(cache, key)
     assert copy["current_page"] == "/b"
     assert copy["page_views"] == str(views + 2)
     # Redis holds /a until the next flush, after which copy and Redis agree.
@@ -270,15 +288,7 @@ async def test_a_renewal_after_failed_flushes_keeps_the_activity_still_waiting(
     """Redis refuses writes (maxmemory reached) while the link stays up: two failed
     flushes leave two batches of the same session waiting. When the first goes through
     with a renewal, the copy must also carry the second."""
-    cfg = no_expiry(redis_server, upstream)
-    cfg["activity"] = {"flush_interval": 5}
-    gw = await cached_gateway(make_gateway, config=cfg)
-    writer = gw.server.app[ACTIVITY]
-    cache = _cache(gw)
-    token = await login(gw, upstream)
-    await page(gw, upstream, token, "/first")
-    assert await writer.flush()
-    key = f"session:{public_id(token)}"
+    gw, writer, cache, token, key = await flushed_by_hand(make_gateway, redis_server, upstream)
     rdb.config_set("maxmemory-policy", "noeviction")
     rdb.config_set("maxmemory", "1")
     try:
@@ -290,11 +300,9 @@ async def test_a_renewal_after_failed_flushes_keeps_the_activity_still_waiting(
     finally:
         rdb.config_set("maxmemory", "0")
     assert cache.enabled, "the link stayed up"
-    fields, _ = cache._entries[key]
-    cache._entries[key] = (fields, time.monotonic() - 3000)  # due for renewal
+    due_for_renewal(cache, key)
     assert await writer.flush()
-    copy, stored = cache._entries[key]
-    assert time.monotonic() - stored < 3000, "the copy was not renewed"
+    copy = renewed(cache, key)
     assert rdb.hget(key, "current_page") == "/b"
     assert copy["current_page"] == "/b"
     assert copy["page_views"] == rdb.hget(key, "page_views")
@@ -327,15 +335,12 @@ async def test_renewal_works_on_a_redis_without_hrandfield(
         assert await writer.flush()
         keys = [f"session:{public_id(t)}" for t in tokens]
         views = [int(rdb.hget(k, "page_views") or -1) for k in keys]
-        fields, _ = cache._entries[keys[0]]
-        cache._entries[keys[0]] = (fields, time.monotonic() - 3000)  # due for renewal
+        due_for_renewal(cache, keys[0])
         for t in tokens:
             await page(gw, upstream, t, "/again")
         assert await writer.flush()
         assert [int(rdb.hget(k, "page_views") or -1) for k in keys] == [v + 1 for v in views]
-        copy, stored = cache._entries[keys[0]]
-        assert time.monotonic() - stored < 3000, "the copy was not renewed"
-        assert copy["page_views"] == str(views[0] + 1)
+        assert renewed(cache, keys[0])["page_views"] == str(views[0] + 1)
         rdb.close()
     finally:
         old.kill()
