@@ -28,6 +28,7 @@ import asyncio
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,17 @@ from bench.sessions import RedisCounter, login_sessions, write_cookie_file
 from bench.wrk import run_wrk
 
 PAGE = "/products/laptop-123"
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """One gateway under measurement, with its own Redis and sessions."""
+
+    url: str
+    proc: Child
+    redis: Child
+    redis_port: int
+    cookies: Path
 
 
 def apply_set(cfg: dict[str, Any], assignment: str) -> None:
@@ -76,8 +88,7 @@ async def run(a: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     try:
         backend, backend_port = start_backend(children, tmp, pin)
-        # scenario -> (gateway URL, gateway, its Redis, that Redis's port, cookie file)
-        gws: dict[str, tuple[str, Child, Child, int, Path]] = {}
+        gws: dict[str, Gateway] = {}  # by scenario; d shares e's
         for key, sets in (("e", a.set), ("x", a.set_x)):
             if key not in a.only and not (key == "e" and "d" in a.only):
                 continue
@@ -90,35 +101,35 @@ async def run(a: argparse.Namespace) -> int:
                 apply_set(cfg, s)
             name = "gateway" if key == "e" else "gateway-x"
             root = Path(a.x_root).resolve() if key == "x" and a.x_root else None
-            gw = gateway_proc.start_gateway(children, tmp, pin, name, cfg, port, root=root)
+            proc = gateway_proc.start_gateway(children, tmp, pin, name, cfg, port, root=root)
             url = f"http://127.0.0.1:{port}"
             cookies = write_cookie_file(
                 tmp / f"cookies-{key}.txt", await login_sessions(url, a.sessions)
             )
-            gws[key] = (url, gw, redis, redis_port, cookies)
+            gws[key] = Gateway(url, proc, redis, redis_port, cookies)
         if "d" in a.only:
             gws["d"] = gws["e"]
         paths = {"d": "/nosession" + PAGE, "e": PAGE, "x": PAGE}
         for key in a.only:  # warm-up: pools, near-cache
-            url, _, _, _, cookies = gws[key]
-            await run_wrk(url, paths[key], cookies, tmp, pin, 2, a.connections, rate=a.rate)
+            g = gws[key]
+            await run_wrk(g.url, paths[key], g.cookies, tmp, pin, 2, a.connections, rate=a.rate)
         for rep in range(a.reps):
             for key in a.only:
-                url, gw, redis, redis_port, cookies = gws[key]
-                procs = {"gateway": gw.pid, "backend": backend.pid, "redis": redis.pid}
+                g = gws[key]
+                procs = {"gateway": g.proc.pid, "backend": backend.pid, "redis": g.redis.pid}
                 spy = None
                 if a.profile and rep == a.reps - 1:
                     out = Path(a.profile).resolve() / f"{key}.txt"
                     out.parent.mkdir(parents=True, exist_ok=True)
                     spy = await asyncio.create_subprocess_exec(
-                        str(spy_bin), "record", "-p", str(gw.pid),
+                        str(spy_bin), "record", "-p", str(g.proc.pid),
                         "-d", str(int(a.dur)), "-r", "200", "-f", "raw", "-o", str(out),
                         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
                     )  # fmt: skip
-                counter = RedisCounter(f"redis://127.0.0.1:{redis_port}/0")
+                counter = RedisCounter(f"redis://127.0.0.1:{g.redis_port}/0")
                 await counter.start()
                 before = {n: cpu_seconds([p]) for n, p in procs.items()}
-                w = await run_wrk(url, paths[key], cookies, tmp, pin, a.dur, a.connections,
+                w = await run_wrk(g.url, paths[key], g.cookies, tmp, pin, a.dur, a.connections,
                                   rate=a.rate)  # fmt: skip
                 after = {n: cpu_seconds([p]) for n, p in procs.items()}
                 delta = await counter.stop()
