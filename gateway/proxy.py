@@ -392,13 +392,10 @@ class Gateway:
     ) -> UpstreamResponse:
         body = _Body(request) if request.body_exists else None
         target = upstream_target(request)
-        read_timeout = upstream.settings.read_timeout
         last_error = ""
         for server in upstream.candidates():
             try:
-                resp = await upstream.pools[server].request(
-                    request.method, target, headers, body, read_timeout
-                )
+                resp = await upstream.pools[server].request(request.method, target, headers, body)
             except ConnectFailed as e:
                 # The connection was refused, so the request never left: the next
                 # server may take it, whatever the method, as long as no byte of the

@@ -28,7 +28,8 @@ class Upstream:
         self.settings = settings
         self.servers = [URL(s) for s in settings.servers]
         self.pools = {
-            s: Pool(s, settings.max_connections, settings.connect_timeout) for s in self.servers
+            s: Pool(s, settings.max_connections, settings.connect_timeout, settings.read_timeout)
+            for s in self.servers
         }
         self._rr = itertools.cycle(range(len(self.servers)))
         self._ejected_until = [0.0] * len(self.servers)

@@ -89,7 +89,9 @@ class UpstreamResponse:
 class Pool:
     """Keep-alive connections to one server, at most ``limit`` open at once."""
 
-    def __init__(self, server: URL, limit: int, connect_timeout: float) -> None:
+    def __init__(
+        self, server: URL, limit: int, connect_timeout: float, read_timeout: float
+    ) -> None:
         https = server.scheme == "https"
         default = 443 if https else 80
         self.host = server.raw_host or ""
@@ -99,6 +101,7 @@ class Pool:
         self.host_header = name if self.port == default else f"{name}:{self.port}"
         self.limit = limit
         self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self._idle: collections.deque[tuple[ResponseHandler, float]] = collections.deque()
         self._open = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -194,7 +197,6 @@ class Pool:
         target: str,
         headers: CIMultiDict[str],
         body: AsyncIterator[bytes] | None,
-        read_timeout: float,
     ) -> UpstreamResponse:
         """Send and return once the response head arrived. Raises ConnectFailed or
         PoolTimeout (nothing was sent), ServerDisconnectedError or ClientOSError (sent,
@@ -202,7 +204,7 @@ class Pool:
         proto, reused = await self.get()
         while True:
             try:
-                return await _exchange(self, proto, method, target, headers, body, read_timeout)
+                return await _exchange(self, proto, method, target, headers, body)
             except (ServerDisconnectedError, ClientOSError):
                 self.put(proto, reusable=False)
                 if not (reused and body is None and method in IDEMPOTENT):
@@ -227,13 +229,12 @@ async def _exchange(
     target: str,
     headers: CIMultiDict[str],
     body: AsyncIterator[bytes] | None,
-    read_timeout: float,
 ) -> UpstreamResponse:
     proto.set_response_params(
         skip_payload=method == "HEAD",
         read_until_eof=True,
         auto_decompress=False,
-        read_timeout=read_timeout,
+        read_timeout=pool.read_timeout,
     )
     headers["Host"] = pool.host_header
     # The gateway answered the client's Expect itself; the body follows at once.
