@@ -33,7 +33,7 @@ from redis.exceptions import NoScriptError
 from . import metrics
 from .config import ActivitySettings
 from .errors import REDIS_FAILURES
-from .nearcache import LinkDown, TrackingLink, mirror
+from .nearcache import LinkDown, TrackingLink, mirror, ts
 
 log = logging.getLogger("gateway.activity")
 
@@ -319,10 +319,10 @@ class ActivityWriter:
     ) -> tuple[list[str], list[str | int | bytes]]:
         keys = [f"{self.key_prefix}gw:activity:{batch.id}", *batch.entries]
         data = [
-            [f"{p.last_activity:.3f}", p.page, p.views, round(p.deadline, 3), int(k in refresh)]
+            [ts(p.last_activity), p.page, p.views, round(p.deadline, 3), int(k in refresh)]
             for k, p in batch.entries.items()
         ]
-        return keys, [self.idle_ttl, f"{time.time():.3f}", orjson.dumps(data)]
+        return keys, [self.idle_ttl, ts(time.time()), orjson.dumps(data)]
 
     async def stop(self) -> None:
         """Stop the loop and flush what is buffered, retrying within the shutdown budget."""

@@ -175,6 +175,11 @@ class NearCache:
         return len(self._entries)
 
 
+def ts(t: float) -> str:
+    """Epoch seconds as stored in session hashes: with milliseconds."""
+    return f"{t:.3f}"
+
+
 def mirror(fields: dict[str, str], last_activity: float, page: str, views: int) -> bool:
     """Apply recorded activity to a copy of a session hash the way the activity script
     will apply it in Redis; False when the copy's page_views is not a number."""
@@ -182,7 +187,7 @@ def mirror(fields: dict[str, str], last_activity: float, page: str, views: int) 
         fields["page_views"] = str(int(fields.get("page_views", "0")) + views)
     except ValueError:
         return False
-    fields["last_activity"] = f"{last_activity:.3f}"
+    fields["last_activity"] = ts(last_activity)
     fields["current_page"] = page
     return True
 

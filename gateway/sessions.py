@@ -21,7 +21,7 @@ from . import metrics
 from .activity import Pending
 from .batching import BatchedReader, Command
 from .config import SessionSettings
-from .nearcache import NearCache, TrackingLink, mirror
+from .nearcache import NearCache, TrackingLink, mirror, ts
 
 _WRITES = metrics.REDIS_COMMANDS.labels("session_write")
 _READS = metrics.REDIS_COMMANDS.labels("session_read")
@@ -230,8 +230,8 @@ class SessionStore:
             # one now, once, so the absolute lifetime is enforced from here on.
             async with asyncio.timeout(self.reader.timeout):
                 _WRITES.inc()
-                await self.redis.hsetnx(self.keys.session(key_id), "login_time", _ts(now))
-            session.fields["login_time"] = _ts(now)
+                await self.redis.hsetnx(self.keys.session(key_id), "login_time", ts(now))
+            session.fields["login_time"] = ts(now)
         return session, others
 
     def new_guest(self) -> Session:
@@ -241,7 +241,7 @@ class SessionStore:
             token=token,
             key_id=self.keys.key_id(token),
             id=public_id(token),
-            fields={"login_time": _ts(now), "last_activity": _ts(now), "page_views": "0"},
+            fields={"login_time": ts(now), "last_activity": ts(now), "page_views": "0"},
             deadline=now + self.settings.absolute_ttl,
             new=True,
         )
@@ -253,8 +253,8 @@ class SessionStore:
         now = time.time()
         stored = {
             **fields,
-            "login_time": _ts(now),
-            "last_activity": _ts(now),
+            "login_time": ts(now),
+            "last_activity": ts(now),
             "page_views": "0",
         }
         session = Session(
@@ -345,7 +345,3 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 return -1
 """
-
-
-def _ts(t: float) -> str:
-    return f"{t:.3f}"
