@@ -134,21 +134,23 @@ class ActivityWriter:
             self._drop_oldest()
         self._pending[key] = Pending(now, page, 1, deadline)
 
-    def unflushed(self, key: str) -> list[Pending] | None:
-        """This process's activity for session ``key`` that Redis does not hold yet,
-        oldest first; None when that cannot be told (a batch holding it is on its way,
-        or timed out and may have been applied)."""
-        out: list[Pending] = []
+    def overlay(self, key: str, fields: dict[str, str], skip: Batch | None = None) -> bool:
+        """Mirror onto ``fields`` (a hash of session ``key`` read from Redis) this
+        process's activity for it that Redis does not hold yet, oldest first, as the
+        flush will apply it. False when that cannot be told (a batch holding it was
+        sent: it is on its way, or timed out and may have been applied) or the hash's
+        page_views is not a number. ``skip``: a batch known to be in ``fields``."""
+        waiting: list[Pending] = []
         for b in self._retry:
             p = b.entries.get(key)
-            if p is not None:
+            if p is not None and b is not skip:
                 if b.sent:
-                    return None
-                out.append(p)
+                    return False
+                waiting.append(p)
         p = self._pending.get(key)
         if p is not None:
-            out.append(p)
-        return out
+            waiting.append(p)
+        return all(mirror(fields, w.last_activity, w.page, w.views) for w in waiting)
 
     def pending_count(self) -> int:
         return len(self._pending) + sum(len(b.entries) for b in self._retry)
@@ -286,14 +288,8 @@ class ActivityWriter:
                 fresh[key] = dict(zip(r[::2], r[1::2], strict=False))
         if gone:
             link.cache.invalidate(gone)
-        if fresh:
-            later = [b.entries for b in self._retry if b is not batch]
-            for key in list(fresh):
-                for entries in (*later, self._pending):
-                    p = entries.get(key)
-                    if p is not None and not mirror(fresh[key], p.last_activity, p.page, p.views):
-                        del fresh[key]
-                        break
+        for key in [k for k, f in fresh.items() if not self.overlay(k, f, skip=batch)]:
+            del fresh[key]
         metrics.NEAR_CACHE_REFRESHES.inc(len(fresh))
         return fresh
 

@@ -89,7 +89,7 @@ async def _core_ctx(app: web.Application) -> AsyncIterator[None]:
         redis, settings.activity, settings.session.idle_ttl, settings.session.key_prefix
     )
     activity.link = link
-    store.unflushed = activity.unflushed
+    store.overlay = activity.overlay
     activity.start()
     app[ACTIVITY] = activity
     services = Services(settings, redis, keys, store, activity, settings.redis.timeout)

@@ -18,10 +18,9 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from . import metrics
-from .activity import Pending
 from .batching import BatchedReader, Command
 from .config import SessionSettings
-from .nearcache import NearCache, TrackingLink, mirror, ts
+from .nearcache import NearCache, TrackingLink, ts
 
 _WRITES = metrics.REDIS_COMMANDS.labels("session_write")
 _READS = metrics.REDIS_COMMANDS.labels("session_read")
@@ -113,8 +112,8 @@ class SessionStore:
         self.reader = BatchedReader(redis, timeout)
         self.cache = cache
         self.link: TrackingLink | None = None  # set with the cache (nearcache.py)
-        # ActivityWriter.unflushed, set once the writer exists (app.py).
-        self.unflushed: Callable[[str], list[Pending] | None] | None = None
+        # ActivityWriter.overlay, set once the writer exists (app.py).
+        self.overlay: Callable[[str, dict[str, str]], bool] | None = None
 
     def forget(self, *key_ids: str) -> None:
         """Drop sessions this process changed from the near-cache before answering (the
@@ -158,16 +157,9 @@ class SessionStore:
     def _add_unflushed(self, key: str, fields: dict[str, str]) -> bool:
         """Apply this process's activity not yet in Redis to a hash just read from it, as
         the cached copies have it (``touch``), so that the session's page views never go
-        back between a cached and a read request. False when that activity cannot be
-        told (``ActivityWriter.unflushed``)."""
-        if not fields or self.unflushed is None:
-            return True
-        waiting = self.unflushed(key)
-        if waiting is None:
-            return False
-        for p in waiting:
-            mirror(fields, p.last_activity, p.page, p.views)
-        return True
+        back between a cached and a read request. False when that cannot be done
+        (``ActivityWriter.overlay``): the hash is then not cached."""
+        return not fields or self.overlay is None or self.overlay(key, fields)
 
     def cached(self, token: str, key_id: str) -> tuple[bool, Session | None]:
         """(True, the session or None if it has expired) when the near-cache can answer

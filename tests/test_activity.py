@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 import redis
@@ -126,15 +127,20 @@ async def test_unflushed_activity_is_unknown_once_its_batch_was_sent() -> None:
     deadline = time.time() + 3600
     w.record("session:a", "/1", deadline)
     w.record("session:a", "/2", deadline)
-    got = w.unflushed("session:a")
-    assert got is not None and [(p.page, p.views) for p in got] == [("/2", 2)]
-    assert w.unflushed("session:other") == []
+
+    def overlaid(key: str) -> dict[str, str] | None:
+        fields = {"page_views": "10", "current_page": "/old"}
+        return fields if w.overlay(key, fields) else None
+
+    assert overlaid("session:a") == {"page_views": "12", "current_page": "/2",
+                                     "last_activity": ANY}  # fmt: skip
+    assert overlaid("session:other") == {"page_views": "10", "current_page": "/old"}
     assert await w.flush() is False  # sent, refused: kept for retry
     w.record("session:a", "/3", deadline)
     w.record("session:b", "/b", deadline)
-    assert w.unflushed("session:a") is None
-    got = w.unflushed("session:b")
-    assert got is not None and [(p.page, p.views) for p in got] == [("/b", 1)]
+    assert overlaid("session:a") is None
+    assert overlaid("session:b") == {"page_views": "11", "current_page": "/b",
+                                     "last_activity": ANY}  # fmt: skip
     await r.aclose()
 
 
