@@ -124,6 +124,9 @@ class ActivityWriter:
 
     def record(self, key: str, page: str, deadline: float) -> None:
         now = time.time()
+        if self.link is not None:
+            # The near-cache's copy says at once what the flush will write.
+            self.link.cache.touch(key, now, page)
         p = self._pending.get(key)
         if p is not None:
             p.last_activity = now

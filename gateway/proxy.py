@@ -575,10 +575,7 @@ class Gateway:
         if not _PAGE_PLAIN.fullmatch(path):
             path = quote(path, safe=_PAGE_SAFE, errors="surrogateescape")
         page = path[:MAX_PAGE]
-        key = self.store.keys.session(s.key_id)
-        self.activity.record(key, page, s.deadline)
-        if self.store.cache is not None:
-            self.store.cache.touch(key, time.time(), page)
+        self.activity.record(self.store.keys.session(s.key_id), page, s.deadline)
 
     def _completed(self, ctx: RequestContext, plugins: list[Plugin]) -> None:
         for p in plugins:

@@ -261,9 +261,7 @@ async def test_a_renewed_copy_keeps_the_activity_recorded_during_its_flush(
     deadline = time.time() + 3600
 
     def visit(path: str) -> None:  # what record_activity does for a request
-        now = time.time()
         writer.record(key, path, deadline)
-        cache.touch(key, now, path)
 
     visit("/a")
     flush = asyncio.create_task(writer.flush())
