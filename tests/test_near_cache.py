@@ -73,20 +73,28 @@ def renewed(cache: Any, key: str) -> dict[str, str]:
     return dict(copy)
 
 
+async def quiesce(gw: TestClient) -> None:
+    """Flush by hand and wait for the link's own-write window to close: from here a
+    change by another client reaches the cache only through Redis's push, and no call
+    of ours is in flight."""
+    assert await gw.server.app[ACTIVITY].flush()
+    link = gw.server.app[GATEWAY].store.link
+    await wait_for(lambda: not link._own and not link._pending)
+
+
 async def flushed_by_hand(
-    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream
+    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream, **fields: str
 ) -> tuple[TestClient, Any, Any, str, str]:
     """A gateway whose copies never age out and whose activity is flushed only when the
-    test says, with one session that has one view flushed: (client, writer, cache, token,
-    its session key)."""
+    test says, with one session (``fields`` given at login) that has one view flushed:
+    (client, writer, cache, token, its session key)."""
     cfg = no_expiry(redis_server, upstream)
     cfg["activity"] = {"flush_interval": 5}
     gw = await cached_gateway(make_gateway, config=cfg)
-    writer = gw.server.app[ACTIVITY]
-    token = await login(gw, upstream)
+    token = await login(gw, upstream, **fields)
     await page(gw, upstream, token, "/first")
-    assert await writer.flush()
-    return gw, writer, _cache(gw), token, f"session:{public_id(token)}"
+    await quiesce(gw)
+    return gw, gw.server.app[ACTIVITY], _cache(gw), token, f"session:{public_id(token)}"
 
 
 async def test_repeat_requests_skip_the_session_read(
@@ -113,11 +121,12 @@ async def test_repeat_requests_skip_the_session_read(
 async def test_a_change_by_another_client_is_seen(
     make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream, rdb: redis.Redis
 ) -> None:
-    gw = await cached_gateway(make_gateway, config=no_expiry(redis_server, upstream))
-    token = await login(gw, upstream, user_id="7", tier="bronze")
+    gw, _, _, token, key = await flushed_by_hand(
+        make_gateway, redis_server, upstream, user_id="7", tier="bronze"
+    )
     await page(gw, upstream, token)
     assert upstream.last.header("X-Session-Tier") == "bronze"
-    rdb.hset(f"session:{public_id(token)}", "tier", "gold")
+    rdb.hset(key, "tier", "gold")
 
     async def gold() -> bool:
         await page(gw, upstream, token)
@@ -215,6 +224,7 @@ async def test_max_age_bounds_an_entry(
 ) -> None:
     cfg = base_config(redis_server.url, upstream.url)
     cfg["session"]["near_cache"] = {"max_age": 0.2}
+    cfg["activity"] = {"flush_interval": 5}  # no flush renews the copy meanwhile
     gw = await cached_gateway(make_gateway, config=cfg)
     token = await login(gw, upstream)
     before = hgetalls(rdb)
@@ -386,17 +396,14 @@ async def test_disabled_reads_every_time(
 
 
 async def test_a_stalled_redis_turns_the_cache_off_until_it_answers(
-    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream, rdb: redis.Redis
 ) -> None:
-    gw = await cached_gateway(make_gateway)
-    cache = _cache(gw)
-    token = await login(gw, upstream)
-    await page(gw, upstream, token)
-    await asyncio.sleep(0.3)  # its activity is flushed: no call of ours is in flight
-    # Redis answers nobody for 1.5 s (the connection stays open): the heartbeat, not a
+    # Flushed by hand, so no call of ours is in flight to time out instead.
+    gw, _, cache, token, _ = await flushed_by_hand(make_gateway, redis_server, upstream)
+    # Redis answers nobody for 3 s (the connection stays open): the heartbeat, not a
     # closed socket, must notice that invalidations may not be arriving.
-    stall = asyncio.create_task(asyncio.to_thread(rdb.execute_command, "DEBUG", "SLEEP", "1.5"))
-    await wait_for(lambda: not cache.enabled, timeout=1.4)
+    stall = asyncio.create_task(asyncio.to_thread(rdb.execute_command, "DEBUG", "SLEEP", "3"))
+    await wait_for(lambda: not cache.enabled, timeout=2.5)
     await stall
     await wait_for(lambda: cache.enabled, timeout=5)
     assert await page(gw, upstream, token) == "true"
