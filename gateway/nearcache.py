@@ -75,9 +75,8 @@ class NearCache:
         self._inflight: dict[str, int] = {}
         self._invalidated: dict[str, int] = {}  # in-flight key -> seq of its invalidation
 
-    def get(self, key: str, require: str | None = None) -> dict[str, str] | None:
-        """A copy of the cached hash, or None; a copy without the field ``require`` is a
-        miss (the caller needs Redis for it)."""
+    def get(self, key: str) -> dict[str, str] | None:
+        """A copy of the cached hash, or None."""
         if not self.enabled:
             return None
         entry = self._entries.get(key)
@@ -85,9 +84,6 @@ class NearCache:
             _MISSES.inc()
             return None
         fields, stored = entry
-        if require is not None and require not in fields:
-            _MISSES.inc()
-            return None
         if time.monotonic() - stored > self.max_age:
             del self._entries[key]
             _MISSES.inc()

@@ -239,15 +239,16 @@ class Gateway:
         stale = bool(values)
         if token is not None:
             key_id = self.store.keys.key_id(token)
-            # A near-cache hit on a route without prefetch reads is answered right here,
-            # without the coroutines of a Redis read.
-            hit, session = (
-                (False, None)
-                if self.chain.prefetchers(route)
-                else self.store.cached(token, key_id)
-            )
+            hit, session = self.store.cached(token, key_id)
+            takers = self.chain.prefetchers(route)
             try:
-                ctx.session = session if hit else await self._load(ctx, token, key_id)
+                # A near-cache hit on a route without prefetch reads is answered right
+                # here, without the coroutines of a Redis call.
+                ctx.session = (
+                    session
+                    if hit and not takers
+                    else await self._load(ctx, token, key_id, takers, hit, session)
+                )
             except RedisUnavailable:
                 ctx.redis_ok = False
                 if route.on_redis_error == "closed":
@@ -273,9 +274,17 @@ class Gateway:
             return self._unauthenticated(request, route, set_cookies)
         return None
 
-    async def _load(self, ctx: RequestContext, token: str, key_id: str) -> Session | None:
-        """The session, with the plugins' prefetch reads in the same pipeline."""
-        takers = self.chain.prefetchers(ctx.route)
+    async def _load(
+        self,
+        ctx: RequestContext,
+        token: str,
+        key_id: str,
+        takers: list[Plugin],
+        hit: bool,
+        cached: Session | None,
+    ) -> Session | None:
+        """The session (``cached`` when the near-cache answered, ``hit``), with the
+        plugins' prefetch reads in the same pipeline."""
         spans: list[tuple[str, int]] = []
 
         def prefetch(key_id: str) -> tuple[tuple[str, ...], ...]:
@@ -286,14 +295,16 @@ class Gateway:
                 commands.extend(mine)
             return tuple(commands)
 
-        session, results = await self._call_redis(
-            "load",
-            # Without prefetch reads, _resolve_session has asked the near-cache already.
-            self.store.load(
-                token, prefetch if takers else None, key_id, cache_checked=not takers
-            ),
-            bounded=False,
-        )
+        session = cached
+        if not hit:
+            session, results = await self._call_redis(
+                "load", self.store.load(token, key_id, prefetch if takers else None),
+                bounded=False,
+            )  # fmt: skip
+        elif session is not None:
+            results = await self._call_redis(
+                "load", self.store.prefetch_only(key_id, prefetch), bounded=False
+            )
         if session is not None:
             i = 0
             for name, n in spans:

@@ -130,7 +130,7 @@ class SessionStore:
         return start + self.settings.absolute_ttl
 
     def from_fields(
-        self, token: str, fields: dict[str, str], now: float, key_id: str | None = None
+        self, token: str, fields: dict[str, str], now: float, key_id: str
     ) -> Session | None:
         """The session these stored fields describe, or None when it has expired."""
         if not fields:
@@ -144,8 +144,6 @@ class SessionStore:
             last = now
         if now - last > self.settings.idle_ttl:
             return None
-        if key_id is None:
-            key_id = self.keys.key_id(token)
         return Session(
             token=token,
             key_id=key_id,
@@ -161,14 +159,20 @@ class SessionStore:
         (``ActivityWriter.overlay``): the hash is then not cached."""
         return not fields or self.overlay is None or self.overlay(key, fields)
 
+    async def prefetch_only(
+        self, key_id: str, prefetch: Callable[[str], tuple[Command, ...]]
+    ) -> list[Any]:
+        """The results of the commands ``prefetch(key_id)`` names, for a session the
+        near-cache answered (they ride the tick's pipeline like any read)."""
+        return (await self.reader.hgetall(None, prefetch(key_id)))[1]
+
     def cached(self, token: str, key_id: str) -> tuple[bool, Session | None]:
         """(True, the session or None if it has expired) when the near-cache can answer
         on its own; (False, None) when Redis has to be asked (``load``)."""
         cache = self.cache
         if cache is None:
             return False, None
-        # A copy without login_time (migrated data) needs load's one-time write.
-        fields = cache.get(self.keys.session(key_id), require="login_time")
+        fields = cache.get(self.keys.session(key_id))
         if fields is None:
             return False, None
         return True, self.from_fields(token, fields, time.time(), key_id)
@@ -176,27 +180,20 @@ class SessionStore:
     async def load(
         self,
         token: str,
+        key_id: str,
         prefetch: Callable[[str], tuple[Command, ...]] | None = None,
-        key_id: str | None = None,
-        *,
-        cache_checked: bool = False,
     ) -> tuple[Session | None, list[Any]]:
-        """The session, and the results of the commands ``prefetch(key_id)`` names, read
-        in the same pipeline. Within redis.timeout (the batch enforces it).
-        ``cache_checked``: ``cached`` already missed, so this goes to Redis."""
-        if key_id is None:
-            key_id = self.keys.key_id(token)
+        """The session read from Redis (``cached`` has missed), and the results of the
+        commands ``prefetch(key_id)`` names, read in the same pipeline. Within
+        redis.timeout (the batch enforces it)."""
         extra = prefetch(key_id) if prefetch is not None else ()
         key = self.keys.session(key_id)
         cache = self.cache
-        cached = cache.get(key) if cache is not None and not cache_checked else None
-        if cached is not None:
-            fields = cached
-            others = (await self.reader.hgetall(None, extra))[1] if extra else []
-        elif cache is not None and cache.enabled:
+        if cache is not None and cache.enabled:
             began = cache.begin(key)
-            fields = {}
-            known = False
+            fields: dict[str, str] = {}
+            others: list[Any] = []
+            keep = False
             try:
                 link = self.link
                 if not extra and link is not None and link.up:
@@ -205,13 +202,14 @@ class SessionStore:
                     # failure there is a Redis failure like any other (the route's
                     # on_redis_error), within redis.timeout.
                     _READS.inc()
-                    fields, others = await link.call("HGETALL", key), []
+                    fields = await link.call("HGETALL", key)
                 else:
                     fields, others = await self.reader.hgetall(key, extra)
-                known = self._add_unflushed(key, fields)
+                # Not kept: a copy that may lack or double an activity flush in flight,
+                # or one without login_time (it gets one below, in Redis only).
+                keep = self._add_unflushed(key, fields) and "login_time" in fields
             finally:
-                # A copy that may lack or double an activity flush in flight is not kept.
-                cache.end(key, began, fields if known else None)
+                cache.end(key, began, fields if keep else None)
         else:
             fields, others = await self.reader.hgetall(key, extra)
             self._add_unflushed(key, fields)
