@@ -28,7 +28,7 @@ from .headers import (
     SPOOFABLE_REQUEST_HEADERS,
     encode_value,
     header_name_for,
-    normalized,
+    is_session_header,
     parse_cookie_values,
     remove_cookie,
     set_cookie_name,
@@ -59,7 +59,7 @@ MAX_PAGE = 512  # bytes of current_page kept per session
 _STARTED = web.RequestKey("gateway_response_started", web.StreamResponse)
 _PAGE_SAFE = "/:@!$&'()*+,;=-._~"
 # What quote() would leave unchanged: most paths, which then skip it.
-_PAGE_PLAIN = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=\-._~]*")
+_PAGE_PLAIN = re.compile(f"[A-Za-z0-9{re.escape(_PAGE_SAFE)}]*")
 _HOST_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]")
 
 
@@ -67,10 +67,6 @@ _HOST_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ
 # request (uuid4 reads os.urandom every time).
 _RID_PREFIX = secrets.token_hex(8)
 _rid_counter = itertools.count(1)
-
-
-# Stored fields that would map onto a header the gateway derives itself.
-_OWN_SESSION_FIELDS = frozenset({"id", "authenticated"})
 
 
 def _new_request_id() -> str:
@@ -91,7 +87,7 @@ class Gateway:
         self.activity = activity
         self.chain = chain
         # WebSocket upgrades only; plain HTTP goes through the upstreams' pools.
-        self.client = ws_client
+        self.ws_client = ws_client
         self.router = Router(settings.routes)
         self.upstreams = {n: Upstream(n, u) for n, u in settings.upstreams.items()}
         self.cookie = settings.session.cookie
@@ -205,7 +201,7 @@ class Gateway:
         upstream = self.upstreams[route.upstream]
         headers = self.upstream_headers(ctx)
         try:
-            upstream_resp = await self._send(request, upstream, headers, route.upstream)
+            upstream_resp = await self._send(request, upstream, headers)
         except UpstreamFailure as f:
             # A guest created for this request keeps its cookie even though the backend
             # failed; otherwise every retry would mint another guest.
@@ -328,9 +324,7 @@ class Gateway:
             )
         else:
             resp = text_response(401, "login required")
-        for c in set_cookies:
-            resp.headers.add("Set-Cookie", c)
-        return resp
+        return _with_cookies(resp, set_cookies)
 
     # -- towards the upstream ------------------------------------------------------------
 
@@ -373,25 +367,26 @@ class Gateway:
 
     def _session_headers(self, ctx: RequestContext, headers: CIMultiDict[str]) -> None:
         s = ctx.session
+        if s is not None:
+            only = ctx.route.session_fields
+            for name, value in s.fields.items():
+                if only is not None and name not in only:
+                    continue
+                if not FIELD_NAME_RE.fullmatch(name):
+                    continue  # a field written by other software: no safe header name
+                # add, not set: every X-Session-* spelling was stripped above, and field
+                # names are unique, so there is nothing to replace (set scans them all).
+                headers.add(header_name_for(name), encode_value(value))
+        # Set after the fields: a stored field named id or authenticated (other
+        # software's) is replaced by the gateway's own.
         headers["X-Session-Authenticated"] = (
             "true" if s is not None and s.authenticated else "false"
         )
         if s is None:
             return
         headers["X-Session-Id"] = s.id
-        only = ctx.route.session_fields
-        for name, value in s.fields.items():
-            if only is not None and name not in only:
-                continue
-            if name in _OWN_SESSION_FIELDS or not FIELD_NAME_RE.fullmatch(name):
-                # Written by other software: no safe header name, or one that would
-                # shadow the gateway's own X-Session-Id / X-Session-Authenticated.
-                continue
-            # add, not set: every X-Session-* spelling was stripped above, and field
-            # names are unique, so there is nothing to replace (set scans all headers).
-            headers.add(header_name_for(name), encode_value(value))
         for name, value in ctx.session_headers.items():
-            if normalized(name).startswith("x-session-"):
+            if is_session_header(name):
                 headers[name] = encode_value(value)
 
     async def _send(
@@ -399,10 +394,10 @@ class Gateway:
         request: web.Request,
         upstream: Upstream,
         headers: CIMultiDict[str],
-        name: str,
     ) -> UpstreamResponse:
         body = _Body(request) if request.body_exists else None
         target = upstream_target(request)
+        name = upstream.name
         last_error = ""
         for server in upstream.candidates():
             try:

@@ -48,7 +48,7 @@ async def proxy_websocket(gw: Gateway, ctx: RequestContext) -> web.StreamRespons
         try:
             # The handshake is bounded like an upstream request (connect + read).
             async with asyncio.timeout(settings.connect_timeout + settings.read_timeout):
-                upstream_ws = await gw.client.ws_connect(
+                upstream_ws = await gw.ws_client.ws_connect(
                     url,
                     headers=headers,
                     protocols=protocols,
