@@ -21,6 +21,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 
+from aiohttp.client import IDEMPOTENT_METHODS
 from aiohttp.client_exceptions import ClientOSError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_writer import StreamWriter, _serialize_headers
@@ -34,9 +35,11 @@ from yarl import URL
 # below the 5 s of uvicorn, gunicorn and Node; a request that still loses the race is
 # retried on a new connection when that is safe, see Pool.request).
 KEEPALIVE_SECONDS = 4.0
+# Methods whose semantics anticipate no content: sent without Content-Length when they
+# have none (RFC 9110 8.6). aiohttp's GET_METHODS leaves out DELETE and CONNECT.
 _BODYLESS_OK = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE", "CONNECT"})
-# Methods that may be sent twice (RFC 9110 9.2.2).
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# Methods that may be sent twice (RFC 9110 9.2.2), as aiohttp's client retries them.
+IDEMPOTENT = IDEMPOTENT_METHODS
 
 
 def _reusable(proto: ResponseHandler) -> bool:
@@ -93,12 +96,11 @@ class Pool:
         self, server: URL, limit: int, connect_timeout: float, read_timeout: float
     ) -> None:
         https = server.scheme == "https"
-        default = 443 if https else 80
         self.host = server.raw_host or ""
-        self.port = server.port or default
+        self.port = server.port or (443 if https else 80)
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if https else None
-        name = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
-        self.host_header = name if self.port == default else f"{name}:{self.port}"
+        # yarl brackets an IPv6 literal and leaves out the scheme's default port.
+        self.host_header = server.host_port_subcomponent or self.host
         self.limit = limit
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
