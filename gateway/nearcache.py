@@ -270,8 +270,12 @@ class TrackingLink:
             # hiredis's packer: the same bytes as redis-py's, eight times faster for an
             # activity script call's few hundred arguments (measured 9 vs 77 µs).
             await conn.send_packed_command(hiredis.pack_command(args), check_health=False)
-        except BaseException:
+        except BaseException as e:
+            fut.cancel()  # nobody will await it
             self._broken("send failed")
+            if isinstance(e, Exception):
+                # Like any other loss of the link: the caller falls back to the pool.
+                raise LinkDown(f"tracking link send failed: {e}") from e
             raise
         try:
             async with asyncio.timeout(self.timeout):

@@ -203,6 +203,25 @@ async def test_cache_is_off_while_the_link_is_down_and_back_after(
     assert hgetalls(rdb) - before <= 3
 
 
+async def test_a_failed_send_on_the_link_falls_back_to_the_pool(
+    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gw, writer, cache, token, key = await flushed_by_hand(make_gateway, redis_server, upstream)
+    views = int(rdb.hget(key, "page_views") or -1)
+    await page(gw, upstream, token)
+    link = gw.server.app[GATEWAY].store.link
+
+    async def reset(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionResetError("connection reset by peer")
+
+    # The socket died between two reads of the link's reader, so the write fails first
+    # (no real server can time that; the rest is real).
+    link._conn.send_packed_command = reset
+    assert await writer.flush(), "the batch went through the pool"
+    assert rdb.hget(key, "page_views") == str(views + 1)
+    assert not cache.enabled
+
+
 async def test_cached_session_is_not_served_when_redis_is_down(
     make_gateway: GatewayFactory,
     redis_server: RedisServer,
