@@ -106,6 +106,7 @@ async def _core_ctx(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
     )
     started = []
+    gw: Gateway | None = None
     try:
         for p in chain.plugins:
             await p.startup()
@@ -114,8 +115,10 @@ async def _core_ctx(app: web.Application) -> AsyncIterator[None]:
         app[GATEWAY] = gw
         yield
         await gw.drain_background(5.0)
-        gw.close_upstreams()
     finally:
+        if gw is not None:
+            # Also when draining was cut short: idle upstream sockets must not linger.
+            gw.close_upstreams()
         for p in reversed(started):
             try:
                 await p.shutdown()
