@@ -271,7 +271,8 @@ class ActivityWriter:
             return True
         finally:
             for k, b in began.items():
-                cache.end(k, b, fresh.get(k), spread=False)
+                if cache.end(k, b, fresh.get(k), spread=False):
+                    metrics.NEAR_CACHE_REFRESHES.inc()
 
     def _absorb(
         self, link: TrackingLink, batch: Batch, keys: list[str], reply: list[Any]
@@ -293,7 +294,6 @@ class ActivityWriter:
             link.cache.invalidate(gone)
         for key in [k for k, f in fresh.items() if not self.overlay(k, f, skip=batch)]:
             del fresh[key]
-        metrics.NEAR_CACHE_REFRESHES.inc(len(fresh))
         return fresh
 
     async def _eval(
