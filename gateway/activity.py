@@ -5,7 +5,7 @@ coalesces per session; a background task flushes it every ``flush_interval`` as 
 script call per batch, so N requests of M sessions cost ceil(M/BATCH) commands, not 4N.
 
 Through the near-cache's link, each script call also brings back the hashes of the
-sessions whose cached copy is missing or past half its age, so a session in use is kept
+sessions whose cached copy is past half its age, so a session in use is kept
 in the near-cache by its own flushes rather than read again when its copy expires.
 
 No page view is counted twice: each batch carries a random id that the script claims with

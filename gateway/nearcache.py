@@ -27,8 +27,8 @@ Rules that keep it correct:
   is renewed from it, under the same rule as any read.
 
 Staleness is bounded by how fast an invalidation travels from Redis to this process
-(well under a millisecond on a LAN); a change made through this process (login, logout,
-X-Session-Set) is applied to the cache before the response is sent.
+(well under a millisecond on a LAN); a session changed through this process (login,
+logout, X-Session-Set) is dropped from the cache before the response is sent.
 """
 
 from __future__ import annotations

@@ -69,3 +69,13 @@ def test_bench_cpu_smoke() -> None:
         assert r["rps"] > 0 and r["errors"] == 0, r
         assert r["gateway_us"] > 0 and r["backend_us"] > 0, r
     assert rows[0]["hgetall"] == 0  # d reads no session
+
+
+def test_bench_hotpath_smoke() -> None:
+    """`python -m bench.hotpath` (in-process session work, no I/O) runs and reports."""
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.hotpath", "--rounds", "1", "--requests", "100"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "session work per request on a hit: min " in res.stdout
