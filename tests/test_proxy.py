@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import os
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -276,16 +277,14 @@ async def test_round_robin_ejection_and_retry(
             await runner.cleanup()
 
 
-@pytest.mark.parametrize(("declared", "sent"), [(1000, 100), (4 << 20, 256 << 10)])
-async def test_upstream_closing_mid_body(
-    gw: TestClient, upstream: Upstream, declared: int, sent: int
-) -> None:
-    """A small body is read before anything is sent, so a failure is a clean 502; a
-    large one is already streaming, so the client's connection is cut (never a silently
-    short response)."""
+def cut_short(
+    declared: int, sent: int, headers: dict[str, str] | None = None
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An upstream handler that declares ``declared`` body bytes, sends ``sent`` of them
+    and closes the connection."""
 
-    async def broken(request: web.Request) -> web.StreamResponse:
-        r = web.StreamResponse()
+    async def handler(request: web.Request) -> web.StreamResponse:
+        r = web.StreamResponse(headers=headers)
         r.content_length = declared
         await r.prepare(request)
         await r.write(b"x" * sent)
@@ -293,8 +292,18 @@ async def test_upstream_closing_mid_body(
         request.transport.close()
         return r
 
-    broken.streaming = True  # type: ignore[attr-defined]
-    upstream.routes["/static/broken"] = broken
+    handler.streaming = True  # type: ignore[attr-defined]
+    return handler
+
+
+@pytest.mark.parametrize(("declared", "sent"), [(1000, 100), (4 << 20, 256 << 10)])
+async def test_upstream_closing_mid_body(
+    gw: TestClient, upstream: Upstream, declared: int, sent: int
+) -> None:
+    """A small body is read before anything is sent, so a failure is a clean 502; a
+    large one is already streaming, so the client's connection is cut (never a silently
+    short response)."""
+    upstream.routes["/static/broken"] = cut_short(declared, sent)
     resp = await gw.get("/static/broken")
     if declared <= 64 * 1024:
         assert resp.status == 502
@@ -311,17 +320,7 @@ async def test_login_applied_before_a_broken_body_still_sets_its_cookie(
     """The login is in Redis once the headers arrive; a 502 for the body that then breaks
     must still hand the client its new cookie."""
 
-    async def broken_login(request: web.Request) -> web.StreamResponse:
-        r = web.StreamResponse(headers={"X-Session-Login": "user_id=42"})
-        r.content_length = 1000
-        await r.prepare(request)
-        await r.write(b"x" * 100)
-        assert request.transport is not None
-        request.transport.close()
-        return r
-
-    broken_login.streaming = True  # type: ignore[attr-defined]
-    upstream.routes["/login"] = broken_login
+    upstream.routes["/login"] = cut_short(1000, 100, {"X-Session-Login": "user_id=42"})
     resp = await gw.post("/login")
     assert resp.status == 502
     assert resp.cookies["sid"].value
