@@ -160,27 +160,26 @@ class Plugin:
 @dataclass(slots=True)
 class Chain:
     plugins: list[Plugin]
-    # Per route (by identity; routes live as long as the process): its plugins, and
+    # By the plugins a route disables (all a route changes here): its plugins, and
     # those of them that implement prefetch. Worked out once, not on every request.
-    _by_route: dict[int, tuple[RouteSettings, list[Plugin], list[Plugin]]] = field(
+    _lists: dict[tuple[str, ...], tuple[list[Plugin], list[Plugin]]] = field(
         default_factory=dict
     )
 
-    def _lists(self, route: RouteSettings) -> tuple[RouteSettings, list[Plugin], list[Plugin]]:
-        got = self._by_route.get(id(route))
+    def _for(self, route: RouteSettings) -> tuple[list[Plugin], list[Plugin]]:
+        got = self._lists.get(route.disable_plugins)
         if got is None:
             plugins = [p for p in self.plugins if p.name not in route.disable_plugins]
             prefetch = [p for p in plugins if type(p).prefetch is not Plugin.prefetch]
-            # The route is kept in the entry so its id cannot be reused by another.
-            got = self._by_route[id(route)] = (route, plugins, prefetch)
+            got = self._lists[route.disable_plugins] = (plugins, prefetch)
         return got
 
     def for_route(self, route: RouteSettings) -> list[Plugin]:
-        return self._lists(route)[1]
+        return self._for(route)[0]
 
     def prefetchers(self, route: RouteSettings) -> list[Plugin]:
         """The route's plugins that read through the session pipeline."""
-        return self._lists(route)[2]
+        return self._for(route)[1]
 
     async def guarded(
         self, plugin: Plugin, hook: Callable[..., Awaitable[T]], *args: Any
