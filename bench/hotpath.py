@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from bench import gateway_proc
 from gateway.activity import ActivityWriter
 from gateway.config import parse_settings
-from gateway.nearcache import NearCache
+from gateway.nearcache import NearCache, TrackingLink
 from gateway.plugin import Chain, RequestContext
 from gateway.proxy import Gateway
 from gateway.sessions import Keys, SessionStore, new_token, public_id
@@ -37,8 +37,10 @@ async def measure(rounds: int, per_round: int) -> list[float]:
     cache.enable()
     cache.max_age = 1e9
     keys = Keys()
-    store = SessionStore(redis, settings.session, keys, 0.5, cache)
-    activity = ActivityWriter(redis, settings.activity, settings.session.idle_ttl)
+    # Built, never started: the cache is on by hand and nothing goes to Redis.
+    link = TrackingLink("redis://127.0.0.1:1/0", "session:", cache, 0.5, 0.5)
+    activity = ActivityWriter(redis, settings.activity, settings.session.idle_ttl, "", link)
+    store = SessionStore(redis, settings.session, keys, 0.5, link, activity.overlay)
     async with aiohttp.ClientSession() as ws_client:
         gw = Gateway(settings, store, activity, Chain([]), ws_client)
         route = gw.router.match("/products/x", "GET", "h")

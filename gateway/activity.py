@@ -105,6 +105,7 @@ class ActivityWriter:
         settings: ActivitySettings,
         idle_ttl: int,
         key_prefix: str = "",
+        link: TrackingLink | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings
@@ -118,7 +119,7 @@ class ActivityWriter:
         self._sha = hashlib.sha1(_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis's id
         # The near-cache's tracking connection, when it is up: writes made there don't
         # invalidate this process's cached sessions (NOLOOP; nearcache.py).
-        self.link: TrackingLink | None = None
+        self.link = link
 
     # -- request side (synchronous, never blocks) --------------------------------------
 

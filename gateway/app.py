@@ -71,25 +71,22 @@ async def _core_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = app[REDIS]
     keys = Keys(settings.session.key_prefix, raw_tokens=settings.session.raw_token_keys)
-    cache: NearCache | None = None
     link: TrackingLink | None = None
     if settings.session.near_cache.enabled:
-        cache = NearCache(settings.session.near_cache)
         link = TrackingLink(
             app[REDIS_URL],
             keys.session_affixes()[0],
-            cache,
+            NearCache(settings.session.near_cache),
             settings.redis.timeout,
             settings.redis.connect_timeout,
         )
         link.start()
-    store = SessionStore(redis, settings.session, keys, settings.redis.timeout, cache)
-    store.link = link
     activity = ActivityWriter(
-        redis, settings.activity, settings.session.idle_ttl, settings.session.key_prefix
+        redis, settings.activity, settings.session.idle_ttl, settings.session.key_prefix, link
     )
-    activity.link = link
-    store.overlay = activity.overlay
+    store = SessionStore(
+        redis, settings.session, keys, settings.redis.timeout, link, activity.overlay
+    )
     activity.start()
     app[ACTIVITY] = activity
     services = Services(settings, redis, keys, store, activity, settings.redis.timeout)

@@ -104,16 +104,18 @@ class SessionStore:
         settings: SessionSettings,
         keys: Keys,
         timeout: float = 0.5,
-        cache: NearCache | None = None,
+        link: TrackingLink | None = None,
+        overlay: Callable[[str, dict[str, str]], bool] | None = None,
     ) -> None:
+        """``link``: the near-cache's, when it is on (the cache is its); ``overlay``:
+        ActivityWriter.overlay, for hashes read from Redis."""
         self.redis = redis
         self.settings = settings
         self.keys = keys
         self.reader = BatchedReader(redis, timeout)
-        self.cache = cache
-        self.link: TrackingLink | None = None  # set with the cache (nearcache.py)
-        # ActivityWriter.overlay, set once the writer exists (app.py).
-        self.overlay: Callable[[str, dict[str, str]], bool] | None = None
+        self.link = link
+        self.cache: NearCache | None = link.cache if link is not None else None
+        self.overlay = overlay
 
     def forget(self, *key_ids: str) -> None:
         """Drop sessions this process changed from the near-cache before answering (the
