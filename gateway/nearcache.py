@@ -227,14 +227,14 @@ class TrackingLink:
         self._pending: collections.deque[tuple[asyncio.Future[Any], Any]] = collections.deque()
         self._own: frozenset[str] = frozenset()
         self._task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
+        self._up = False  # tracking confirmed on the current connection
         self._stopping = False
         self._heartbeat = min(HEARTBEAT, timeout)
         self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def up(self) -> bool:
-        return self._ready.is_set()
+        return self._up
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="near-cache-link")
@@ -329,7 +329,7 @@ class TrackingLink:
         if reply != "OK":
             raise ConnectionError(f"CLIENT TRACKING answered {reply!r}")
         self.cache.enable()
-        self._ready.set()
+        self._up = True
         log.info("near-cache on (tracking %s*)", self.prefix)
         probing: asyncio.Future[Any] | None = None
         while not self._stopping:
@@ -380,7 +380,7 @@ class TrackingLink:
 
     def _broken(self, why: str) -> None:
         self.cache.disable()
-        self._ready.clear()
+        self._up = False
         conn, self._conn = self._conn, None
         self._own = frozenset()
         while self._pending:
