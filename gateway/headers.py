@@ -105,8 +105,11 @@ def strip_headers(
 
 
 @functools.lru_cache(maxsize=4096)
-def header_name_for(field: str) -> str:
-    """``user_id`` → ``X-Session-User-Id`` (memoised: the same few names, every request)."""
+def header_name_for(field: str) -> str | None:
+    """``user_id`` → ``X-Session-User-Id``; None for a name that has no safe header (a
+    field written by other software). Memoised: the same few names, every request."""
+    if not FIELD_NAME_RE.fullmatch(field):
+        return None
     return "X-Session-" + "-".join(p.capitalize() for p in field.split("_"))
 
 

@@ -22,7 +22,6 @@ from . import metrics
 from .config import RouteSettings, Settings
 from .errors import REDIS_FAILURES, RedisUnavailable
 from .headers import (
-    FIELD_NAME_RE,
     GATEWAY_REQUEST_HEADERS,
     REQUEST_ID_RE,
     SPOOFABLE_REQUEST_HEADERS,
@@ -372,11 +371,12 @@ class Gateway:
             for name, value in s.fields.items():
                 if only is not None and name not in only:
                     continue
-                if not FIELD_NAME_RE.fullmatch(name):
-                    continue  # a field written by other software: no safe header name
+                header = header_name_for(name)
+                if header is None:
+                    continue
                 # add, not set: every X-Session-* spelling was stripped above, and field
                 # names are unique, so there is nothing to replace (set scans them all).
-                headers.add(header_name_for(name), encode_value(value))
+                headers.add(header, encode_value(value))
         # Set after the fields: a stored field named id or authenticated (other
         # software's) is replaced by the gateway's own.
         headers["X-Session-Authenticated"] = (
