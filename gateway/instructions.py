@@ -8,7 +8,7 @@ import logging
 from multidict import CIMultiDictProxy
 
 from . import metrics
-from .headers import is_session_header, normalized, parse_params
+from .headers import SESSION_PREFIX, normalized, parse_params
 
 log = logging.getLogger("gateway.instructions")
 
@@ -29,8 +29,9 @@ def collect(headers: CIMultiDictProxy[str], allowed: tuple[str, ...]) -> dict[st
     dropped here: a header given twice is refused rather than guessed at."""
     found: dict[str, list[str]] = {}
     for name, value in headers.items():
-        if is_session_header(name):
-            found.setdefault(normalized(name), []).append(value)
+        norm = normalized(name)
+        if norm.startswith(SESSION_PREFIX):
+            found.setdefault(norm, []).append(value)
     parsed: dict[str, dict[str, str]] = {}
     for name, values in found.items():
         kind = INSTRUCTION_HEADERS.get(name)
