@@ -102,6 +102,10 @@ async def test_every_connection_busy_is_a_timely_504_then_recovers(
 async def test_connection_closed_by_the_backend_while_idle_is_not_reused(
     make_gateway: GatewayFactory, redis_server: RedisServer, method: str
 ) -> None:
+    """POST can only pass if the closed connection is not reused (it is never retried);
+    GET would also pass through the stale-connection retry, so for GET this checks the
+    answer, not the idle check."""
+
     async def h(request: web.Request) -> web.Response:
         return web.Response(text=f"{request.method} {len(await request.read())}")
 
