@@ -185,6 +185,7 @@ async def test_cache_is_off_while_the_link_is_down_and_back_after(
     token = await login(gw, upstream)
     await page(gw, upstream, token)
     await page(gw, upstream, token)
+    assert len(cache) >= 1
     tracking = [c for c in rdb.client_list() if "t" in c["flags"]]
     assert len(tracking) == 1, "exactly one tracking connection per gateway process"
     # Without the link, nobody would tell us about changes: the cache must stop at once.
@@ -227,10 +228,13 @@ async def test_cached_session_is_not_served_when_redis_is_down(
     redis_server: RedisServer,
     upstream: Upstream,
 ) -> None:
-    gw = await cached_gateway(make_gateway)
+    cfg = base_config(redis_server.url, upstream.url)
+    cfg["activity"] = {"shutdown_timeout": 0.2}  # Redis stays dead through teardown
+    gw = await cached_gateway(make_gateway, config=cfg)
     token = await login(gw, upstream)
     await page(gw, upstream, token, "/closed/x")
     await page(gw, upstream, token, "/closed/x")
+    assert len(_cache(gw)) >= 1
     redis_server.kill()
     await wait_for(lambda: not _cache(gw).enabled, timeout=3)
     # The route's policy applies (closed: 503), as without a cache.

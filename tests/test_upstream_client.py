@@ -70,10 +70,11 @@ async def test_connections_are_kept_alive_and_reused(
 async def test_every_connection_busy_is_a_timely_504_then_recovers(
     make_gateway: GatewayFactory, redis_server: RedisServer
 ) -> None:
-    release = asyncio.Event()
+    release, holding = asyncio.Event(), asyncio.Event()
 
     async def h(request: web.Request) -> web.Response:
         if request.path == "/static/slow":
+            holding.set()
             await release.wait()
         return web.Response(text=request.path)
 
@@ -83,7 +84,7 @@ async def test_every_connection_busy_is_a_timely_504_then_recovers(
         cfg["upstreams"]["app"].update(max_connections=1, connect_timeout=0.3)
         client = await make_gateway(cfg)
         slow = asyncio.create_task(client.get("/static/slow"))
-        await asyncio.sleep(0.1)
+        await holding.wait()  # the only connection is taken
         t0 = time.monotonic()
         waited = await client.get("/static/fast")
         assert waited.status == 504, await waited.text()
