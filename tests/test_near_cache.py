@@ -146,13 +146,13 @@ async def test_delete_elsewhere_and_expiry_end_the_cached_session(
         assert await page(gw, upstream, t) == "true"
         assert await page(gw, upstream, t) == "true"  # now served from the cache
     # Logged out by another gateway process (or an operator): the key is deleted.
-    await asyncio.sleep(0.2)  # activity flushed: from here only Redis's push can tell us
+    await quiesce(gw)  # from here only Redis's push can tell us
     cached = len(_cache(gw))
     rdb.delete(f"session:{public_id(deleted)}")
     await wait_for(lambda: len(_cache(gw)) == cached - 1)
     # Expired by Redis: nothing touches it (a request would slide its TTL), the
     # server's expiry cycle removes it.
-    await asyncio.sleep(0.2)  # the last requests' activity is flushed
+    await quiesce(gw)  # the last requests' activity is flushed
     rdb.pexpire(f"session:{public_id(expiring)}", 100)
     await wait_for(lambda: not rdb.exists(f"session:{public_id(expiring)}"))
 
@@ -171,7 +171,7 @@ async def test_a_flushdb_empties_the_cache(
     token = await login(gw, upstream)
     assert await page(gw, upstream, token) == "true"
     assert len(_cache(gw)) >= 1
-    await asyncio.sleep(0.2)  # activity flushed: from here only Redis's push can tell us
+    await quiesce(gw)  # from here only Redis's push can tell us
     rdb.flushdb()
     await wait_for(lambda: len(_cache(gw)) == 0)
     assert await page(gw, upstream, token) == "false"
