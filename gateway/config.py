@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 INSTRUCTIONS = ("login", "set", "logout", "cart")
+# RFC 3986 path and query characters (no backslash, space or control character).
+_LOGIN_URL_RE = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]*")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -84,6 +86,9 @@ class NearCacheSettings(_Frozen):
 
 class SessionSettings(_Frozen):
     cookie: CookieSettings = CookieSettings()
+    # Live sessions one user may hold; a login past it ends that user's oldest ones, so
+    # user_sessions:<user_id> stays bounded however often someone logs in.
+    max_per_user: int = Field(100, ge=1, le=10_000)
     near_cache: NearCacheSettings = NearCacheSettings()
     idle_ttl: int = Field(3600, gt=0)
     absolute_ttl: int = Field(28800, gt=0)
@@ -172,8 +177,16 @@ class RouteSettings(_Frozen):
     @field_validator("login_url")
     @classmethod
     def _login_url(cls, v: str | None) -> str | None:
-        if v is not None and (not v.startswith("/") or v.startswith("//")):
-            raise ValueError("must be a same-site path starting with a single /")
+        # SECURITY: browsers read "\\" as "/" and drop tabs and newlines from URLs, so
+        # "/\\evil.com" and "/\t/evil.com" lead off-site like "//evil.com". Only a path of
+        # visible URL characters, one leading slash and no backslash is accepted.
+        if v is not None and (
+            not _LOGIN_URL_RE.fullmatch(v) or v.startswith("//") or v.startswith("/%2")
+        ):
+            raise ValueError(
+                "must be a same-site path: one leading /, no backslash, no spaces or "
+                "control characters"
+            )
         return v
 
     @model_validator(mode="after")
@@ -181,6 +194,102 @@ class RouteSettings(_Frozen):
         if self.guest and self.session == "none":
             raise ValueError("guest: true needs session optional or required")
         return self
+
+
+class LimitsSettings(_Frozen):
+    """What one client may cost the gateway (hardening, issue 10). Every wait on a
+    client has a timeout and every buffer a size; defaults suit a busy shop."""
+
+    # Concurrent client connections per process; past it a new connection is answered
+    # 503 and closed (kept below the file-descriptor limit, see server.py).
+    max_connections: int = Field(10_000, ge=1)
+    # Seconds for a whole request head (request line and headers) once its first byte
+    # arrived: a slowloris sending a byte every few seconds is answered 408 and closed.
+    header_timeout: float = Field(10.0, gt=0)
+    # Bytes of one request head, all lines together (max_request_header_size bounds one
+    # line); past it 431 and the connection is closed.
+    max_header_bytes: int = Field(65536, ge=1024)
+    # Seconds an idle keep-alive connection (or one that never sends) is kept open.
+    keepalive_timeout: float = Field(30.0, gt=0)
+    # Seconds without a byte of the request body, and for the whole body: 408.
+    body_idle_timeout: float = Field(15.0, gt=0)
+    body_timeout: float = Field(300.0, gt=0)
+    # Largest request body accepted (Content-Length or counted while streaming): 413.
+    max_body_bytes: int = Field(1 << 30, ge=0)
+    # Bodies up to this size are read whole before an upstream connection is taken, so
+    # a pooled connection never waits on a slow client. Larger bodies stream on a
+    # connection of their own (upstream_per_address and the timeouts above bound it).
+    buffer_body_bytes: int = Field(65536, ge=0, le=16 << 20)
+    # Seconds a write to the client may wait for it to read (a stalled reader is cut).
+    send_timeout: float = Field(60.0, gt=0)
+    # Upstream connections one client address (IPv6: its /64) may hold at once: 429.
+    upstream_per_address: int = Field(32, ge=1)
+    # Guest sessions one client address (IPv6: its /64) may create per minute, across
+    # every gateway sharing the Redis (0: no cap).
+    guests_per_address: int = Field(30, ge=0)
+
+
+class PathSettings(_Frozen):
+    """How the request path is normalised (paths.py): the path that picks the route is
+    the path the backend receives."""
+
+    merge_slashes: bool = True
+    # Match routes without regard to case (backends on IIS, Windows or case-insensitive
+    # frameworks). Off: a spelling whose lower-case form would pick another route is
+    # refused as ambiguous.
+    case_insensitive: bool = False
+    # Refuse every encoded slash or backslash, raw backslash, ;parameter and segment
+    # ending in a dot or space, not only those that another reading would route
+    # elsewhere.
+    strict: bool = False
+
+
+class ClientHeaderSettings(_Frozen):
+    """Request headers dropped because frameworks trust them as set by a proxy or an
+    identity layer (headers.py lists the default families)."""
+
+    # More names to drop; a trailing * drops a family (``X-Acme-*``).
+    drop: tuple[str, ...] = ()
+    # Default names or families to let through after all (one a trusted edge sets).
+    keep: tuple[str, ...] = ()
+
+    @field_validator("drop", "keep")
+    @classmethod
+    def _names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for n in v:
+            if not re.fullmatch(r"[A-Za-z0-9!#$%&'+.^_`|~-]+\*?", n):
+                raise ValueError(f"{n!r} is not a header name (a trailing * marks a family)")
+        return tuple(n.lower().replace("_", "-") for n in v)
+
+
+class SigningSettings(_Frozen):
+    """Sign the X-Session-* headers sent upstream (signing.py), so a backend reachable
+    directly can refuse requests that did not come through the gateway."""
+
+    key: str = Field(min_length=32, description="HMAC-SHA256 key; use ${ENV}")
+    header: str = "X-Session-Signature"
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, v: str) -> str:
+        if not re.fullmatch(r"X-Session-[A-Za-z0-9-]+", v):
+            raise ValueError("must be an X-Session-* header name")
+        return v
+
+
+class TlsSettings(_Frozen):
+    """HTTPS on the proxy listener (most deployments terminate TLS at the balancer)."""
+
+    cert: str
+    key: str
+    # An extra listener for TLS; absent, ``listen`` itself speaks TLS.
+    listen: str | None = None
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        return None if v is None else _host_port(v)
 
 
 class LoggingSettings(_Frozen):
@@ -225,6 +334,11 @@ class Settings(_Frozen):
     # Processes sharing the listen port (SO_REUSEPORT); one event loop each.
     workers: int = Field(1, ge=1, le=64)
     max_request_header_size: int = Field(16384, gt=0)
+    limits: LimitsSettings = LimitsSettings()
+    paths: PathSettings = PathSettings()
+    client_headers: ClientHeaderSettings = ClientHeaderSettings()
+    signing: SigningSettings | None = None
+    listen_tls: TlsSettings | None = None
     logging: LoggingSettings = LoggingSettings()
     admin: AdminSettings = AdminSettings()
 
