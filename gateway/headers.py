@@ -35,23 +35,90 @@ SESSION_PREFIX = "x-session-"
 GATEWAY_REQUEST_HEADERS = frozenset(
     h.lower() for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Request-Id")
 )
-# Headers frameworks trust as proxy-set (client address, scheme, host, or a path that
-# overrides the request line: Symfony and IIS read X-Original-URL). From a client they
-# are forgeries: Spring and Werkzeug prefer Forwarded over X-Forwarded-*.
-SPOOFABLE_REQUEST_HEADERS = frozenset(
-    h.lower()
-    for h in (
-        "Forwarded",
-        "X-Real-IP",
-        "X-Client-IP",
-        "X-Forwarded-Port",
-        "X-Forwarded-Prefix",
-        "X-Forwarded-Server",
-        "X-Forwarded-Ssl",
-        "X-Original-URL",
-        "X-Rewrite-URL",
-    )
+# Request headers that frameworks, apps and auth middleware trust as set by a proxy, a
+# CDN or an identity layer in front of them: the client's address, scheme or host, a path
+# or method that overrides the request line, a signed-in user, a TLS client certificate.
+# From a client each one is a forgery, so every spelling is dropped before the request
+# goes upstream ("client_headers.keep" lets a family through where a trusted edge sets
+# it; "client_headers.drop" adds more). Lower-case, "_" read as "-"; a trailing "*" is a
+# family. The gateway's own X-Forwarded-For/-Proto/-Host are added after the drop.
+SPOOFABLE_REQUEST_HEADERS = (
+    # client address, scheme, host (Spring and Werkzeug prefer Forwarded to X-Forwarded-*)
+    "forwarded",
+    "x-forwarded-*",
+    "x-real-ip",
+    "x-client-ip",
+    "client-ip",
+    "x-cluster-client-ip",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+    "x-proxyuser-ip",
+    "true-client-ip",
+    "cf-connecting-*",
+    "fastly-client-ip",
+    "x-host",
+    "x-original-host",
+    "x-url-scheme",
+    "x-scheme",
+    "front-end-https",
+    # a path or method that overrides the request line (Symfony, IIS, Rails, Laravel)
+    "x-original-url",
+    "x-original-uri",
+    "x-original-method",
+    "x-rewrite-url",
+    "x-override-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-envoy-*",
+    # identity set by an auth proxy (oauth2-proxy, Kong, Azure, IAP, ALB, Pomerium,
+    # Cloudflare Access, Grafana's auth proxy, Apache and IIS)
+    "remote-user",
+    "x-remote-user",
+    "x-user",
+    "x-email",
+    "x-auth-request-*",
+    "x-authenticated-*",
+    "x-consumer-*",
+    "x-credential-*",
+    "x-userinfo",
+    "x-id-token",
+    "x-jwt-assertion*",
+    "x-ms-client-principal*",
+    "x-ms-token-*",
+    "x-goog-authenticated-*",
+    "x-goog-iap-*",
+    "x-amzn-oidc-*",
+    "x-pomerium-*",
+    "cf-access-*",
+    "x-webauth-*",
+    # TLS client certificates as a terminating proxy passes them on
+    "x-client-cert*",
+    "x-client-verify",
+    "x-client-dn",
+    "x-ssl-*",
+    "ssl-client-*",
+    "x-arr-clientcert",
 )
+
+
+class HeaderDrop:
+    """A set of lower-case names and ``family-*`` prefixes; ``matches`` takes a name
+    already normalised (lower-case, "_" read as "-")."""
+
+    __slots__ = ("names", "prefixes")
+
+    def __init__(self, patterns: Iterable[str], keep: Iterable[str] = ()) -> None:
+        kept = set(keep)
+        pats = [p for p in patterns if p not in kept]
+        self.names = frozenset(p for p in pats if not p.endswith("*"))
+        self.prefixes = tuple(p[:-1] for p in pats if p.endswith("*"))
+
+    def matches(self, norm: str) -> bool:
+        return norm in self.names or (bool(self.prefixes) and norm.startswith(self.prefixes))
+
+
 _PLAIN_VALUE = re.compile(r"[\x21-\x24\x26-\x7e]*")  # visible ASCII except %
 _VISIBLE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 FIELD_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -86,19 +153,19 @@ def connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set
 def strip_headers(
     headers: CIMultiDictProxy[str] | CIMultiDict[str],
     *,
-    drop: frozenset[str] = frozenset(),
+    drop: HeaderDrop | None = None,
 ) -> CIMultiDict[str]:
     """A copy without hop-by-hop headers, names listed in Connection, any X-Session-*
-    spelling, and ``drop`` (lower-case names)."""
+    spelling, and what ``drop`` matches."""
     listed = connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         # Compared with "_" read as "-": CGI-style backends turn X_Real_IP and
         # X-Real-IP into the same variable.
         norm = normalized(name)
-        if norm in HOP_BY_HOP or norm in drop:
+        if norm in HOP_BY_HOP or norm in listed or norm.startswith(SESSION_PREFIX):
             continue
-        if norm in listed or norm.startswith(SESSION_PREFIX):
+        if drop is not None and drop.matches(norm):
             continue
         out.add(name, value)
     return out

@@ -9,6 +9,7 @@ import sys
 import time
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -48,6 +49,62 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class Throttle:
+    """At most ``burst`` lines per ``period`` seconds for one kind of event; the rest are
+    counted and reported in the next line that gets through. A client that sends
+    thousands of malformed requests must not be able to flood the log (or fill a disk)."""
+
+    def __init__(self, burst: int = 10, period: float = 10.0) -> None:
+        self.burst = burst
+        self.period = period
+        self._window = 0.0
+        self._count = 0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self._window >= self.period:
+            self._window = now
+            self._count = 0
+        self._count += 1
+        if self._count > self.burst:
+            self.suppressed += 1
+            return False
+        return True
+
+    def take_suppressed(self) -> int:
+        n, self.suppressed = self.suppressed, 0
+        return n
+
+
+class _ParseErrorFilter(logging.Filter):
+    """aiohttp logs every request its parser refuses as "Error handling request" with a
+    traceback at ERROR. A malformed request is the client's problem, not the gateway's:
+    one short line, throttled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.throttle = Throttle()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        if not self.throttle.allow():
+            return False
+        first = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
+        more = self.throttle.take_suppressed()
+        record.msg = "bad request refused by the parser: %s%s"
+        record.args = (first[:200], f" ({more} more not logged)" if more else "")
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+PARSE_ERRORS = _ParseErrorFilter()
+
+
 def setup(fmt: str = "text", level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
@@ -57,3 +114,6 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
     root.setLevel(level)
     # aiohttp logs every access at INFO; the gateway's own access line is optional.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    if PARSE_ERRORS not in server_log.filters:
+        server_log.addFilter(PARSE_ERRORS)

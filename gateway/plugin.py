@@ -81,6 +81,8 @@ class RequestContext:
     request: web.Request
     route: RouteSettings
     request_id: str
+    # The client's address as the core decided it (trusted proxies applied; forwarded.py).
+    client_address: str = ""
     session: Session | None = None
     # False when the session could not be resolved because Redis did not answer.
     redis_ok: bool = True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import logging
 import re
@@ -19,12 +18,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import metrics
+from .body import ClientBodyError, RequestBody
 from .config import RouteSettings, Settings
 from .errors import REDIS_FAILURES, RedisUnavailable
+from .forwarded import TrustedProxies, bucket, valid_host
 from .headers import (
     GATEWAY_REQUEST_HEADERS,
     REQUEST_ID_RE,
     SPOOFABLE_REQUEST_HEADERS,
+    HeaderDrop,
     encode_value,
     header_name_for,
     is_session_header,
@@ -34,7 +36,8 @@ from .headers import (
     strip_headers,
 )
 from .instructions import collect, dropped
-from .logs import request_id_var
+from .limits import AddressHolds, TooMany
+from .logs import Throttle, request_id_var
 from .plugin import CartInstruction, Chain, Plugin, RequestContext, ResponseHead
 from .responses import text_response, unavailable
 from .routing import Router
@@ -49,17 +52,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.proxy")
 T = TypeVar("T")
 
-_UPSTREAM_DROP = GATEWAY_REQUEST_HEADERS | SPOOFABLE_REQUEST_HEADERS | {"host"}
+# Never from the client, whatever client_headers.keep says: the gateway sets these itself
+# (Content-Length from the body it actually sends).
+_ALWAYS_DROP = (*GATEWAY_REQUEST_HEADERS, "host", "content-length")
+# Control characters other than HTAB in a header; a lone surrogate is an undecodable
+# byte (both aiohttp parsers decode with surrogateescape) that cannot be sent on.
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+# Instructions that store something in the session: on a guest route they create one.
+_NEEDS_SESSION = (
+    "x-session-set",
+    "x-session-cart-add",
+    "x-session-cart-remove",
+    "x-session-cart-clear",
+)
 # An upstream body that breaks off, or stalls past read_timeout.
 _BODY_FAILURES = (aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError, TimeoutError)
-CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # read whole and sent with the headers; larger bodies stream
 MAX_PAGE = 512  # bytes of current_page kept per session
 _STARTED = web.RequestKey("gateway_response_started", web.StreamResponse)
 _PAGE_SAFE = "/:@!$&'()*+,;=-._~"
 # What quote() would leave unchanged: most paths, which then skip it.
 _PAGE_PLAIN = re.compile(f"[A-Za-z0-9{re.escape(_PAGE_SAFE)}]*")
-_HOST_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]")
 
 
 # Unique, not secret: a per-process random prefix and a counter cost no syscall per
@@ -92,7 +105,15 @@ class Gateway:
         self.cookie = settings.session.cookie
         self._cookie_tail, self._cookie_expired = _cookie_strings(settings)
         self.redis_timeout = settings.redis.timeout
-        self._trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
+        self.limits = settings.limits
+        self.proxies = TrustedProxies(settings.trusted_proxies)
+        self.holds = AddressHolds(settings.limits.upstream_per_address)
+        ch = settings.client_headers
+        self._drop = HeaderDrop(
+            (*SPOOFABLE_REQUEST_HEADERS, *ch.drop, *_ALWAYS_DROP),
+            keep=[k for k in ch.keep if k not in _ALWAYS_DROP],
+        )
+        self._refusals = Throttle()
         self._background: set[asyncio.Task[tuple[bool, object]]] = set()
         self._request_counters: dict[tuple[str, int], Any] = {}
 
@@ -145,8 +166,9 @@ class Gateway:
         return resp
 
     def _malformed(self, request: web.Request) -> str | None:
-        """Request smuggling shapes the parser may have let through (defence in depth:
-        both aiohttp parsers reject most of these themselves)."""
+        """Request smuggling shapes and values the parser may have let through (defence
+        in depth: aiohttp's C parser rejects most of these itself, its pure-Python parser
+        fewer)."""
         h = request.headers
         cls = h.getall("Content-Length", ())
         tes = h.getall("Transfer-Encoding", ())
@@ -156,11 +178,19 @@ class Gateway:
             return "Content-Length with Transfer-Encoding"
         if tes and [t.strip().lower() for t in ",".join(tes).split(",")] != ["chunked"]:
             return "unsupported Transfer-Encoding"
-        if cls and not cls[0].isdigit():
+        if cls and not (cls[0].isascii() and cls[0].isdigit()):
             return "invalid Content-Length"
         hosts = h.getall("Host", ())
-        if len(hosts) > 1 or (hosts and not set(hosts[0]) <= _HOST_RE_CHARS):
+        # SECURITY: the host a backend sees (X-Forwarded-Host) meets one rule wherever it
+        # came from: the Host header, or an absolute-form target's authority, which
+        # aiohttp's pure-Python parser reports as request.host.
+        if len(hosts) > 1 or not all(valid_host(v) for v in hosts):
             return "invalid Host"
+        if request.host and not valid_host(request.host):
+            return "invalid Host"
+        for name, value in h.items():
+            if _BAD_VALUE.search(value) or _BAD_VALUE.search(name):
+                return "invalid header value"
         path = request.path
         if "/../" in path or path.endswith("/..") or "/./" in path or "\x00" in path:
             return "dot segments in path"
@@ -175,7 +205,12 @@ class Gateway:
     async def _handle_route(
         self, request: web.Request, route: RouteSettings, rid: str
     ) -> web.StreamResponse:
-        ctx = RequestContext(request=request, route=route, request_id=rid)
+        ctx = RequestContext(
+            request=request,
+            route=route,
+            request_id=rid,
+            client_address=self.proxies.client_address(request),
+        )
         set_cookies: list[str] = []
         plugins = self.chain.for_route(route)
         if route.session != "none":
@@ -200,15 +235,57 @@ class Gateway:
         upstream = self.upstreams[route.upstream]
         headers = self.upstream_headers(ctx)
         try:
-            upstream_resp = await self._send(request, upstream, headers)
+            body = await self._request_body(request, headers)
+            with self.holds.hold(bucket(ctx.client_address)):
+                upstream_resp = await self._send(request, upstream, headers, body)
+                try:
+                    return await self._respond(ctx, plugins, upstream_resp, set_cookies)
+                finally:
+                    upstream_resp.release()
         except UpstreamFailure as f:
-            # A guest created for this request keeps its cookie even though the backend
-            # failed; otherwise every retry would mint another guest.
+            # An expired cookie decided above still goes out with the error.
             return _with_cookies(text_response(f.status, f.message), set_cookies)
-        try:
-            return await self._respond(ctx, plugins, upstream_resp, set_cookies)
-        finally:
-            upstream_resp.release()
+        except ClientBodyError as e:
+            self._refused(request, e.status, e.reason)
+            text = f"bad request: {e.reason}" if e.status == 400 else e.reason
+            resp = _with_cookies(text_response(e.status, text), set_cookies)
+            # The rest of that body is not worth waiting for.
+            resp.force_close()
+            return resp
+        except TooMany:
+            self._refused(request, 429, "too many upstream connections from this client")
+            resp = text_response(
+                429, "too many concurrent requests from this address", {"Retry-After": "1"}
+            )
+            return _with_cookies(resp, set_cookies)
+
+    async def _request_body(
+        self, request: web.Request, headers: CIMultiDict[str]
+    ) -> bytes | RequestBody | None:
+        """The body to send upstream: whole when small (read before any upstream
+        connection is taken), else a stream; its length is the gateway's own."""
+        if not request.body_exists:
+            return None
+        body = RequestBody(request, self.limits)
+        data = await body.buffer(self.limits.buffer_body_bytes)
+        if data is not None:
+            return data
+        if body.length is not None:
+            headers["Content-Length"] = str(body.length)
+        return body
+
+    def _refused(self, request: web.Request, status: int, why: str) -> None:
+        if self._refusals.allow():
+            more = self._refusals.take_suppressed()
+            log.info(
+                "%d for %s %s from %s: %s%s",
+                status,
+                request.method,
+                request.path[:200],
+                request.remote,
+                why,
+                f" ({more} more refusals not logged)" if more else "",
+            )
 
     async def _call_redis(self, op: str, aw: Awaitable[T], *, bounded: bool = True) -> T:
         """Await a Redis operation within redis.timeout (``bounded=False``: the operation
@@ -246,24 +323,15 @@ class Gateway:
                 )
             except RedisUnavailable:
                 ctx.redis_ok = False
-                if route.on_redis_error == "closed":
+                # SECURITY: a required route's backend never sees a request without a
+                # live session, whatever on_redis_error says: a client that can slow
+                # Redis down (or just sends a well-formed random cookie while it is
+                # failing) must not get through as anonymous.
+                if route.on_redis_error == "closed" or route.session == "required":
                     return unavailable("session store unavailable")
                 return None
             stale = ctx.session is None
-        if ctx.session is None and route.guest and ctx.redis_ok:
-            guest = self.store.new_guest()
-            # Written before the response, not behind: the visitor's next request (a
-            # favicon, an image) may come before any flush and must find it.
-            try:
-                await self._call_redis("guest", self.store.create(guest))
-            except RedisUnavailable:
-                ctx.redis_ok = False
-                if route.on_redis_error == "closed":
-                    return unavailable("session store unavailable")
-            else:
-                ctx.session = guest
-                set_cookies.append(self._cookie(guest.token))
-        elif stale and ctx.session is None and len(values) <= 1:
+        if stale and ctx.session is None and len(values) <= 1:
             set_cookies.append(self._expired_cookie())
         if ctx.session is None and route.session == "required":
             return self._unauthenticated(request, route, set_cookies)
@@ -327,18 +395,9 @@ class Gateway:
 
     # -- towards the upstream ------------------------------------------------------------
 
-    def _peer_trusted(self, peer: str | None) -> bool:
-        if not peer or not self._trusted:
-            return False
-        try:
-            addr = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        return any(addr in n for n in self._trusted)
-
     def upstream_headers(self, ctx: RequestContext) -> CIMultiDict[str]:
         request = ctx.request
-        headers = strip_headers(request.headers, drop=_UPSTREAM_DROP)
+        headers = strip_headers(request.headers, drop=self._drop)
         # A Cookie header is still here only if the client did not list it in Connection.
         cookies = headers.popall("Cookie", [])
         if cookies:
@@ -352,13 +411,14 @@ class Gateway:
         # Everything below is added after all stripping, so nothing the client sent
         # (not even "Connection: X-Forwarded-For") can remove or shadow it.
         peer = request.remote or ""
-        trusted = self._peer_trusted(peer)
+        trusted = self.proxies.trusted(peer)
         xff = ", ".join(request.headers.getall("X-Forwarded-For", ())) if trusted else ""
         headers["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
         proto = request.headers.get("X-Forwarded-Proto", "") if trusted else ""
         headers["X-Forwarded-Proto"] = proto if proto in ("http", "https") else request.scheme
         host = request.headers.get("X-Forwarded-Host", "") if trusted else ""
-        headers["X-Forwarded-Host"] = host or request.host
+        # A trusted proxy's host meets the rule the client's Host met (_malformed).
+        headers["X-Forwarded-Host"] = host if host and valid_host(host) else request.host
         headers["X-Request-Id"] = ctx.request_id
         if ctx.route.session != "none":
             self._session_headers(ctx, headers)
@@ -394,8 +454,8 @@ class Gateway:
         request: web.Request,
         upstream: Upstream,
         headers: CIMultiDict[str],
+        body: bytes | RequestBody | None,
     ) -> UpstreamResponse:
-        body = _Body(request) if request.body_exists else None
         target = upstream_target(request)
         name = upstream.name
         last_error = ""
@@ -404,12 +464,12 @@ class Gateway:
                 resp = await upstream.pools[server].request(request.method, target, headers, body)
             except ConnectFailed as e:
                 # The connection was refused, so the request never left: the next
-                # server may take it, whatever the method, as long as no byte of the
-                # client's body has been consumed.
+                # server may take it, whatever the method, as long as no byte of a
+                # streamed body has been consumed (a small body is whole in memory).
                 upstream.eject(server)
                 metrics.UPSTREAM_ERRORS.labels("connect").inc()
                 last_error = str(e)
-                if body is None or not body.started:
+                if not isinstance(body, RequestBody) or not body.started:
                     continue
                 raise UpstreamFailure(502, "bad gateway: upstream refused the connection") from None
             except TimeoutError:
@@ -421,10 +481,11 @@ class Gateway:
                 ) from None
             except (aiohttp.ServerDisconnectedError, OSError) as e:
                 # Sent, but the server dropped the connection without an answer. Only an
-                # idempotent request without a body may be tried again elsewhere.
+                # idempotent request whose body (if any) is in memory may be tried again
+                # elsewhere.
                 metrics.UPSTREAM_ERRORS.labels("disconnect").inc()
                 last_error = str(e)
-                if request.method in IDEMPOTENT and body is None:
+                if request.method in IDEMPOTENT and not isinstance(body, RequestBody):
                     log.warning("upstream %s %s dropped the connection; retrying", name, server)
                     continue
                 raise UpstreamFailure(502, "bad gateway: upstream closed the connection") from None
@@ -483,23 +544,31 @@ class Gateway:
         if "Content-Length" in head.headers:
             resp.content_length = int(head.headers["Content-Length"])
         request[_STARTED] = resp
-        await resp.prepare(request)
-        if request.method != "HEAD" and head.status not in (204, 304):
-            try:
+        send = self.limits.send_timeout
+        try:
+            async with asyncio.timeout(send):
+                await resp.prepare(request)
+            if request.method != "HEAD" and head.status not in (204, 304):
                 async for chunk in upstream_resp.content.iter_any():
-                    await resp.write(chunk)
+                    # Each write waits while the client's socket is full: a client that
+                    # stops reading must not hold the upstream connection for ever.
+                    async with asyncio.timeout(send):
+                        await resp.write(chunk)
                     if ctx.body_tap is not None:
                         ctx.body_tap(chunk)
-            except _BODY_FAILURES as e:
-                # Headers are gone already: all we can do is cut the connection so the
-                # client sees a truncated response instead of a silently short one.
-                log.warning("upstream body failed mid-stream: %s", e)
-                metrics.UPSTREAM_ERRORS.labels("body").inc()
-                if request.transport is not None:
-                    request.transport.close()
-                self._completed(ctx, plugins)
-                return resp
-        await resp.write_eof()
+            async with asyncio.timeout(send):
+                await resp.write_eof()
+        except _BODY_FAILURES as e:
+            # Headers are gone already: all we can do is cut the connection so the
+            # client sees a truncated response instead of a silently short one. A
+            # TimeoutError here is either side: the upstream's read timeout or our
+            # send timeout.
+            log.warning("response body cut: %s", type(e).__name__ if not str(e) else e)
+            metrics.UPSTREAM_ERRORS.labels("body").inc()
+            if request.transport is not None:
+                request.transport.close()
+            self._completed(ctx, plugins)
+            return resp
         if ctx.body_tap is not None:
             ctx.body_tap(None)
         self._completed(ctx, plugins)
@@ -518,6 +587,9 @@ class Gateway:
         sending it still gets a clean 502 instead of a cut connection."""
         try:
             body = await upstream_resp.read()
+            # The upstream connection goes back before the client is written to: a
+            # client that reads slowly must not keep a pooled connection waiting.
+            upstream_resp.release()
         except _BODY_FAILURES as e:
             log.warning("upstream body failed: %s", e)
             metrics.UPSTREAM_ERRORS.labels("body").inc()
@@ -532,8 +604,14 @@ class Gateway:
         if ctx.body_tap is not None:
             ctx.body_tap(body)
             ctx.body_tap(None)
-        await resp.prepare(ctx.request)
-        await resp.write_eof()
+        try:
+            async with asyncio.timeout(self.limits.send_timeout):
+                await resp.prepare(ctx.request)
+                await resp.write_eof()
+        except TimeoutError:
+            log.warning("client did not read the response within send_timeout; cut")
+            if ctx.request.transport is not None:
+                ctx.request.transport.close()
         self._completed(ctx, plugins)
         return resp
 
@@ -614,6 +692,15 @@ class Gateway:
         parsed = collect(resp_headers, ctx.route.instructions)
         if not parsed:
             return
+        if (
+            ctx.session is None
+            and ctx.route.guest
+            and ctx.redis_ok
+            and any(k in parsed for k in _NEEDS_SESSION)
+            and "x-session-login" not in parsed
+            and "x-session-logout" not in parsed
+        ):
+            await self._guest(ctx, set_cookies)
         if "x-session-logout" in parsed:
             await self._logout(ctx, plugins, parsed["x-session-logout"], set_cookies)
         if "x-session-login" in parsed:
@@ -636,6 +723,28 @@ class Gateway:
                 for p in takers:
                     await self.chain.guarded(p, p.cart, ctx, cart)
                 metrics.INSTRUCTIONS.labels("cart", "handed-to-plugin").inc(len(cart))
+
+    async def _guest(self, ctx: RequestContext, set_cookies: list[str]) -> None:
+        """A guest session for a visitor whose backend just stored something for it.
+
+        Guests are created only when something needs one (issue 10): a visitor without a
+        session is anonymous until the backend sends X-Session-Set or a cart change. A
+        404, a bot, a health probe creates nothing. At most limits.guests_per_address
+        per minute per client address (IPv6: /64), counted in Redis so every gateway
+        shares the budget; past it the instruction is dropped and counted."""
+        cap = self.limits.guests_per_address
+        if cap:
+            count = await self._call_redis(
+                "guest", self.store.count_guest(bucket(ctx.client_address))
+            )
+            if count > cap:
+                dropped("guest", "address-cap")
+                return
+        guest = self.store.new_guest()
+        await self._call_redis("guest", self.store.create(guest))
+        ctx.session = guest
+        set_cookies.append(self._cookie(guest.token))
+        metrics.INSTRUCTIONS.labels("guest", "created").inc()
 
     async def _login(
         self,
@@ -713,25 +822,6 @@ class UpstreamFailure(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-class _Body:
-    """The client's request body as an async iterator that remembers whether it was
-    read, so a failed connect can be retried only while nothing has been consumed."""
-
-    def __init__(self, request: web.Request) -> None:
-        self._content = request.content
-        self.started = False
-
-    def __aiter__(self) -> _Body:
-        return self
-
-    async def __anext__(self) -> bytes:
-        self.started = True
-        chunk = await self._content.read(CHUNK)
-        if not chunk:
-            raise StopAsyncIteration
-        return chunk
 
 
 def _cookie_strings(settings: Settings) -> tuple[str, str]:

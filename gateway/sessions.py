@@ -78,6 +78,10 @@ class Keys:
     def user_sessions(self, user_id: str) -> str:
         return f"{self.prefix}user_sessions:{user_id}"
 
+    def guest_counter(self, bucket: str) -> str:
+        """Guests created from one client address this minute."""
+        return f"{self.prefix}gw:guests:{bucket}"
+
 
 @dataclass(slots=True)
 class Session:
@@ -273,6 +277,16 @@ class SessionStore:
         if old is not None:
             self.forget(old.key_id)
         return session
+
+    async def count_guest(self, bucket: str) -> int:
+        """Count one more guest for this client address; the count of this minute."""
+        key = self.keys.guest_counter(bucket)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(key, 0, ex=60, nx=True)
+            pipe.incr(key)
+            _WRITES.inc(2)
+            res = await pipe.execute()
+        return int(res[1])
 
     async def create(self, session: Session) -> None:
         """Write a new anonymous (guest) session."""

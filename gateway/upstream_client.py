@@ -19,7 +19,7 @@ import asyncio
 import collections
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable
 
 from aiohttp.client import IDEMPOTENT_METHODS
 from aiohttp.client_exceptions import ClientOSError, ServerDisconnectedError
@@ -59,7 +59,16 @@ class PoolTimeout(TimeoutError):
 class UpstreamResponse:
     """Status, headers and a streaming body of one upstream answer."""
 
-    __slots__ = ("_pool", "_proto", "content", "content_length", "headers", "reason", "status")
+    __slots__ = (
+        "_dedicated",
+        "_pool",
+        "_proto",
+        "content",
+        "content_length",
+        "headers",
+        "reason",
+        "status",
+    )
 
     def __init__(
         self,
@@ -69,6 +78,7 @@ class UpstreamResponse:
         content: StreamReader,
         pool: Pool,
         proto: ResponseHandler,
+        dedicated: bool = False,
     ) -> None:
         self.status = status
         self.reason = reason
@@ -78,6 +88,7 @@ class UpstreamResponse:
         self.content_length = int(cl) if cl is not None and cl.isdigit() else None
         self._pool: Pool | None = pool
         self._proto = proto
+        self._dedicated = dedicated
 
     async def read(self) -> bytes:
         return await self.content.read()
@@ -85,7 +96,11 @@ class UpstreamResponse:
     def release(self) -> None:
         """Give the connection back (kept alive only if the body was read to its end)."""
         pool, self._pool = self._pool, None
-        if pool is not None:
+        if pool is None:
+            return
+        if self._dedicated:
+            pool.end_stream(self._proto)
+        else:
             pool.put(self._proto, reusable=self.content.is_eof())
 
 
@@ -108,6 +123,10 @@ class Pool:
         self._open = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
+        # Connections carrying a streamed request body: outside the pool and its limit
+        # (they wait on a client, which a pooled connection must never do), at most
+        # ``limit`` of them too.
+        self._streams = 0
 
     def _take_idle(self) -> ResponseHandler | None:
         """The most recently used idle connection still fit for reuse; stale ones close."""
@@ -198,25 +217,55 @@ class Pool:
         method: str,
         target: str,
         headers: CIMultiDict[str],
-        body: AsyncIterator[bytes] | None,
+        body: bytes | AsyncIterable[bytes] | None,
     ) -> UpstreamResponse:
-        """Send and return once the response head arrived. Raises ConnectFailed or
-        PoolTimeout (nothing was sent), ServerDisconnectedError or ClientOSError (sent,
-        no answer), SocketTimeoutError, HttpProcessingError (an invalid answer)."""
+        """Send and return once the response head arrived. ``body``: None, the whole
+        body, or a stream (sent chunked unless headers carry a Content-Length). Raises
+        ConnectFailed or PoolTimeout (nothing was sent), ServerDisconnectedError or
+        ClientOSError (sent, no answer), SocketTimeoutError, HttpProcessingError (an
+        invalid answer), or whatever the body stream raised."""
+        if body is not None and not isinstance(body, bytes):
+            return await self._stream(method, target, headers, body)
         proto, reused = await self.get()
         while True:
             try:
-                return await _exchange(self, proto, method, target, headers, body)
+                return await _exchange(self, proto, method, target, headers, body, False)
             except (ServerDisconnectedError, ClientOSError):
                 self.put(proto, reusable=False)
-                if not (reused and body is None and method in IDEMPOTENT):
+                if not (reused and method in IDEMPOTENT):
                     raise
             except BaseException:
                 self.put(proto, reusable=False)
                 raise
             # A pooled connection the server closed as we sent: nothing was answered, so
-            # a request that is safe to repeat goes out once more, on a new connection.
+            # a request that is safe to repeat goes out once more, on a new connection
+            # (its body, if any, is whole in memory).
             proto, reused = await self.get(fresh=True)
+
+    async def _stream(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: AsyncIterable[bytes],
+    ) -> UpstreamResponse:
+        if self._streams >= self.limit:
+            raise PoolTimeout(f"too many streamed uploads to {self.host}:{self.port}")
+        self._streams += 1
+        try:
+            proto = await self._connect()
+        except BaseException:
+            self._streams -= 1
+            raise
+        try:
+            return await _exchange(self, proto, method, target, headers, body, True)
+        except BaseException:
+            self.end_stream(proto)
+            raise
+
+    def end_stream(self, proto: ResponseHandler) -> None:
+        proto.close()
+        self._streams -= 1
 
     def close(self) -> None:
         self._closed = True
@@ -230,7 +279,8 @@ async def _exchange(
     method: str,
     target: str,
     headers: CIMultiDict[str],
-    body: AsyncIterator[bytes] | None,
+    body: bytes | AsyncIterable[bytes] | None,
+    dedicated: bool,
 ) -> UpstreamResponse:
     proto.set_response_params(
         skip_payload=method == "HEAD",
@@ -249,6 +299,10 @@ async def _exchange(
         if method not in _BODYLESS_OK:
             headers["Content-Length"] = "0"
         transport.write(_serialize_headers(status_line, headers))
+    elif isinstance(body, bytes):
+        headers["Content-Length"] = str(len(body))
+        # One write for head and body: a typical form post is one packet.
+        transport.write(_serialize_headers(status_line, headers) + body)
     else:
         writer = StreamWriter(proto, asyncio.get_running_loop())
         if "Content-Length" not in headers:
@@ -266,4 +320,6 @@ async def _exchange(
         if message.code >= 200 or message.code < 100 or message.code == 101:
             break
         proto.start_timeout()  # the parser stopped the read timer at the interim answer
-    return UpstreamResponse(message.code, message.reason, message.headers, payload, pool, proto)
+    return UpstreamResponse(
+        message.code, message.reason, message.headers, payload, pool, proto, dedicated
+    )

@@ -34,6 +34,7 @@ from pydantic import Field, field_validator
 from redis.client import NEVER_DECODE
 
 from gateway.errors import REDIS_FAILURES
+from gateway.headers import normalized
 from gateway.plugin import Plugin, PluginConfig, RequestContext, ResponseHead
 from plugins.viewed_items import item_pattern
 
@@ -41,6 +42,7 @@ log = logging.getLogger("plugins.page_cache")
 
 CACHE = Counter("gateway_page_cache_total", "Page cache lookups and stores", ["outcome"])
 STATE = "page_cache"
+_METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
 _UNCACHEABLE_VARY = frozenset({"cookie", "authorization", "proxy-authorization"})
 VARY_MEMO = 10_000  # URLs whose Vary names are remembered in-process
 # Never stored: per-request or per-visitor headers, and ones recomputed on a hit.
@@ -179,6 +181,15 @@ class PageCache(Plugin):
     def _eligible(self, ctx: RequestContext) -> bool:
         req = ctx.request
         if not self._on_path(req) or "Authorization" in req.headers:
+            return False
+        # SECURITY: an answer may only be shared if nothing outside the key shaped it. A
+        # GET body, or a method override a framework honours (Rails, Laravel, Symfony
+        # read X-HTTP-Method-Override and friends), is invisible to the key: such a
+        # request is neither served from the cache nor stored. Request headers a backend
+        # reflects are its own to declare, in Vary (README: page_cache).
+        if req.body_exists or "Transfer-Encoding" in req.headers:
+            return False
+        if any(normalized(n) in _METHOD_OVERRIDES for n in req.headers):
             return False
         s = ctx.session
         if s is not None and s.authenticated and not self.config.cache_authenticated:

@@ -16,7 +16,6 @@ When Redis does not answer within ``redis.timeout``, ``on_redis_error`` decides:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import logging
 import math
@@ -29,6 +28,7 @@ from prometheus_client import Counter
 from pydantic import Field
 
 from gateway.errors import REDIS_FAILURES
+from gateway.forwarded import bucket
 from gateway.plugin import Plugin, PluginConfig, RequestContext, ResponseHead
 from gateway.responses import unavailable
 
@@ -85,9 +85,6 @@ class RateLimit(Plugin):
 
     async def startup(self) -> None:
         self._script = self.services.redis.register_script(_SLIDING_LOG)
-        self._trusted = [
-            ipaddress.ip_network(n, strict=False) for n in self.services.settings.trusted_proxies
-        ]
         self._policy = f"{self.config.limit};w={_seconds(self.config.window)}"
         # Log members must be unique per request: not the X-Request-Id, which a client
         # may choose (repeating it would collapse entries and undercount).
@@ -101,27 +98,9 @@ class RateLimit(Plugin):
         # limited by address.
         if self.config.per == "session" and s is not None and s.authenticated:
             return f"{self.services.keys.prefix}ratelimit:s:{s.id}"
-        return f"{self.services.keys.prefix}ratelimit:a:{self._address(ctx.request)}"
-
-    def _address(self, request: web.Request) -> str:
-        peer = request.remote or ""
-        hops = [
-            h.strip()
-            for v in request.headers.getall("X-Forwarded-For", ())
-            for h in v.split(",")
-            if h.strip()
-        ]
-        # The rightmost address not added by one of our own proxies is the client.
-        while hops and self._trusted_addr(peer):
-            peer = hops.pop()
-        return peer
-
-    def _trusted_addr(self, addr: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        return any(ip in n for n in self._trusted)
+        # The core's answer to "who is the client" (trusted proxies applied); an IPv6
+        # client is counted by its /64, which it typically owns whole.
+        return f"{self.services.keys.prefix}ratelimit:a:{bucket(ctx.client_address)}"
 
     async def request(self, ctx: RequestContext) -> web.StreamResponse | None:
         cfg = self.config

@@ -273,6 +273,19 @@ async def login(client: TestClient, upstream: Upstream, user_id: str = "42", **f
     return token
 
 
+async def start_guest(client: TestClient, upstream: Upstream, path: str = "/start") -> str:
+    """Become a guest through the real path: guests exist only once the backend stores
+    something for the visitor (X-Session-Set here; the route must allow `set`). Returns
+    the guest's token; the client's cookie jar holds it."""
+    upstream.reply_headers(path, ("X-Session-Set", "guest_started=1"))
+    resp = await client.get(path)
+    assert resp.status == 200, await resp.text()
+    token = resp.cookies["sid"].value
+    assert token
+    upstream.reply_headers(path)
+    return token
+
+
 async def wait_for(pred: Callable[[], Any], timeout: float = 5.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

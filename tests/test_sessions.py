@@ -319,6 +319,8 @@ async def test_guest_token_does_not_survive_login(
     make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
 ) -> None:
     gw = await make_gateway(routes=routes_with(SHOP))
+    # A guest exists once the backend stores something for the visitor.
+    upstream.reply_headers("/shop/item", ("X-Session-Set", "theme=dark"))
     resp = await get_as(gw, "/shop/item", None)
     (cookie,) = sid_cookies(resp)
     guest = _attrs(cookie)[1]
@@ -527,6 +529,16 @@ async def test_guest_session(
     make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
 ) -> None:
     gw = await make_gateway(routes=routes_with(SHOP))
+    # A visit that stores nothing creates nothing: the visitor is anonymous.
+    resp = await get_as(gw, "/shop/item", None)
+    assert resp.status == 200
+    assert sid_cookies(resp) == []
+    assert upstream.last.all("X-Session-Authenticated") == ["false"]
+    assert upstream.last.all("X-Session-Id") == []
+    assert rdb.keys("session:*") == []
+
+    # The backend stores something: now the visitor gets a guest session.
+    upstream.reply_headers("/shop/item", ("X-Session-Set", "theme=dark"))
     resp = await get_as(gw, "/shop/item", None)
     assert resp.status == 200
     (cookie,) = sid_cookies(resp)
@@ -534,23 +546,51 @@ async def test_guest_session(
     assert name == "sid"
     assert re.fullmatch(r"[A-Za-z0-9_-]{43}", token)
     assert "httponly" in attrs
-    got = upstream.last
-    assert got.all("X-Session-Authenticated") == ["false"]
-    assert got.all("X-Session-Id") == [sid_hash(token)]
-    assert got.all("X-Session-User-Id") == []
     key = skey(token)
     await wait_for(lambda: rdb.hget(key, "page_views") == "1")
     stored = rdb.hgetall(key)
     assert stored["current_page"] == "/shop/item"
+    assert stored["theme"] == "dark"
     assert "user_id" not in stored
     assert 0 < rdb.ttl(key) <= 600
 
     # Second visit: same guest, no new cookie, views counted.
+    upstream.reply_headers("/shop/other")
     resp = await get_as(gw, "/shop/other", token)
     assert sid_cookies(resp) == []
     assert upstream.last.all("X-Session-Id") == [sid_hash(token)]
     assert upstream.last.all("X-Session-Authenticated") == ["false"]
+    assert upstream.last.all("X-Session-Theme") == ["dark"]
     await wait_for(lambda: rdb.hget(key, "page_views") == "2")
+
+
+async def test_guests_only_when_needed_and_capped_per_address(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """Issue 10.3: cookieless requests (404s, 500s, bots) mint nothing; a backend that
+    stores something for every visitor gets at most limits.guests_per_address guests
+    per minute from one address."""
+    gw = await make_gateway(routes=routes_with(SHOP), limits={"guests_per_address": 5})
+
+    async def not_found(request: Any) -> Any:
+        from aiohttp import web
+
+        return web.Response(status=404, text="no such page")
+
+    upstream.routes["/shop/missing"] = not_found
+    for path in ("/shop/missing", "/shop/a", "/favicon.ico", "/shop/b") * 25:
+        resp = await get_as(gw, path, None)
+        assert sid_cookies(resp) == []
+    assert rdb.keys("session:*") == []
+
+    upstream.reply_headers("/shop/cart", ("X-Session-Cart-Add", "sku=a-1; qty=1; price=1.00"))
+    created = []
+    for _ in range(12):
+        resp = await get_as(gw, "/shop/cart", None)
+        assert resp.status == 200
+        created += sid_cookies(resp)
+    assert len(created) == 5
+    assert len(rdb.keys("session:*")) == 5
 
 
 async def test_non_guest_route_creates_no_session(

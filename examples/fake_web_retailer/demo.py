@@ -227,40 +227,36 @@ async def walk(visit: Visit) -> list[tuple[str, str | None]]:
     async def guest_visit() -> None:
         status, _, _ = await visit.request("GET", "/")
         check(status == 200, f"GET / answered {status}")
-        check(visit.cookie(), f"no {COOKIE!r} cookie was set for the guest")
+        # A guest session is created only once the shop stores something for the
+        # visitor (the first add to cart): browsing alone writes nothing to Redis.
+        check(not visit.cookie(), f"a {COOKIE!r} cookie was set for a visitor who only looked")
         data = await visit.received()
-        check(data["authenticated"] is False, "guest is reported as authenticated")
-        check(data["session_id"], "no X-Session-Id reached the shop")
-        memo["guest_id"] = data["session_id"]
-        await visit.keys()
+        check(data["authenticated"] is False, "the visitor is reported as authenticated")
+        check(not data["session_id"], "an X-Session-Id reached the shop before any session")
+        keys = await visit.keys()
+        check(not session_keys(keys), f"browsing created session keys: {session_keys(keys)}")
 
     async def view_product() -> None:
         memo["views"] = int(await visit.redis.zscore(RANKING, PRODUCT) or 0)  # 0 when fresh
         status, _, body = await visit.request("GET", f"/products/{PRODUCT}")
         check(status == 200 and PRODUCT_NAME in body, f"product page answered {status}")
-        data = await visit.received()
-        check(data["session_id"] == memo["guest_id"],
-              "the guest's session did not carry over to the next request "
-              f"(X-Session-Id {memo['guest_id'][:12]}... became {data['session_id'][:12]}...)")
         # viewed_items writes behind: the view reaches Redis within its flush interval.
         views = await visit.views_of(PRODUCT, memo["views"] + 1)
         check(views == memo["views"] + 1,
               f"the ranking counts {views} views of {PRODUCT}, expected {memo['views'] + 1}")
-        keys = await visit.keys()
-        viewed = [k for k in keys if k.startswith("viewed:") and k != RANKING
-                  and await visit.redis.zscore(k, PRODUCT) is not None]
-        check(len(viewed) == 1, f"expected one viewed:<id> key holding {PRODUCT}: {viewed}")
-        owner = "session:" + viewed[0].removeprefix("viewed:")
-        check(owner in keys, f"{viewed[0]} belongs to no session in Redis")
+        await visit.keys()
 
     async def add_to_cart() -> None:
         status, path, body = await visit.request(
             "POST", "/cart/add", data={"sku": PRODUCT, "qty": str(QTY)}
         )
         check(status == 200 and path == "/cart", f"add to cart ended at {path} with {status}")
+        check(visit.cookie(), f"no {COOKIE!r} cookie was set when the guest added to the cart")
         check(PRODUCT_NAME in body and f"{QTY} item(s)" in body,
               "the cart page does not show the item (is the cart plugin loaded?)")
         data = await visit.received()
+        check(data["session_id"], "no X-Session-Id reached the shop after the guest's cart")
+        memo["guest_id"] = data["session_id"]
         check(data["cart"]["total_items"] == QTY,
               f"shop sees {data['cart']['total_items']} cart items, expected {QTY}")
         keys = await visit.keys()
@@ -320,7 +316,7 @@ async def walk(visit: Visit) -> list[tuple[str, str | None]]:
         async with visit.another_browser() as second:
             hit = await second.fetch("GET", path)
             second_cookie = second.cookie()
-        for who, answer in (("a guest with a cart", miss), ("a new guest", hit)):
+        for who, answer in (("a guest with a cart", miss), ("a new visitor", hit)):
             print(f"    GET {path} as {who}: {answer.status}, "
                   f"X-Cache: {answer.headers.get('X-Cache')}, "
                   f"Cache-Control: {answer.headers.get('Cache-Control')}"
@@ -331,10 +327,11 @@ async def walk(visit: Visit) -> list[tuple[str, str | None]]:
               f"second request: X-Cache {hit.headers.get('X-Cache')!r}, expected HIT "
               "(is page_cache enabled, and the product in the top 10?)")
         check_neutral(miss, "a guest with a cart")
-        check_neutral(hit, "a new guest (from the cache)")
+        check_neutral(hit, "a new visitor (from the cache)")
         check(hit.body == miss.body, "the cached page differs from the page the shop rendered")
-        check(second_cookie and second_cookie != first_cookie,
-              "the new guest did not get a session cookie of its own with the cached page")
+        check(first_cookie and not second_cookie,
+              "the cached page set a session cookie for a visitor who only looked "
+              "(or the guest with a cart has none)")
         print("    the cached page holds no username and no cart count")
         # A hit counts as a view too: step 2, the miss and the hit.
         views = await visit.views_of(PRODUCT, memo["views"] + 3)
@@ -359,9 +356,10 @@ async def walk(visit: Visit) -> list[tuple[str, str | None]]:
         await visit.keys()
 
     steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-        ("a guest opens the home page and gets a cookie", guest_visit),
-        (f"the guest views {PRODUCT}", view_product),
-        (f"the guest adds {QTY} x {PRODUCT_NAME} to the cart", add_to_cart),
+        ("a visitor opens the home page: no session, no cookie yet", guest_visit),
+        (f"the visitor views {PRODUCT}", view_product),
+        (f"the visitor adds {QTY} x {PRODUCT_NAME} to the cart: now a guest session",
+         add_to_cart),
         (f"log in as {USER}: new cookie, same cart", log_in),
         ("browse some more", browse_more),
         ("the account page shows the username", account),

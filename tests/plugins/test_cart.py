@@ -12,7 +12,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import REGISTRY
 
-from ..conftest import GatewayFactory, RedisServer, Upstream, base_config, login, wait_for
+from ..conftest import (
+    GatewayFactory,
+    RedisServer,
+    Upstream,
+    base_config,
+    login,
+    start_guest,
+    wait_for,
+)
 
 ROUTES: list[dict[str, Any]] = [
     {
@@ -83,11 +91,19 @@ async def test_add_matches_the_contract_layout(
     assert 86000 < rdb.ttl(f"cart:{sid}") <= 86400  # type: ignore[operator]
 
 
-async def test_new_visitor_gets_an_empty_cart_without_a_redis_read(
+async def test_new_visitor_gets_no_cart_then_an_empty_one(
     make_gateway: GatewayFactory, upstream: Upstream
 ) -> None:
     gw = await cart_gateway(make_gateway)
+    # Without a session the backend hears of no cart at all; a new guest (created by the
+    # backend's first instruction) has an empty one.
+    assert await cart_headers(gw, upstream) == (None, None)
+    upstream.reply_headers("/start", ("X-Session-Set", "seen=1"))
+    resp = await gw.get("/start")
+    assert resp.status == 200 and resp.cookies.get("sid") is not None
+    upstream.reply_headers("/start")
     assert await cart_headers(gw, upstream) == ("0", "0.00")
+    assert upstream.last.header("X-Session-Id")
 
 
 async def test_money_is_exact(
@@ -106,7 +122,11 @@ async def test_money_is_exact(
 async def test_fifty_concurrent_changes_on_one_session_lose_nothing(
     make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
 ) -> None:
-    gw = await cart_gateway(make_gateway)
+    # Fifty requests at once from one address: above the default per-address cap on
+    # upstream connections (a limit this test is not about).
+    gw = await make_gateway(
+        routes=ROUTES, plugins=[{"cart": {}}], limits={"upstream_per_address": 64}
+    )
     prices = ["0.10", "0.20", "19.99", "5", "1234.56"]
 
     async def add(request: web.Request) -> web.Response:
@@ -117,6 +137,7 @@ async def test_fifty_concurrent_changes_on_one_session_lose_nothing(
         return resp
 
     upstream.routes["/add"] = add
+    await start_guest(gw, upstream)
     await gw.get("/start")
     sid = upstream.last.header("X-Session-Id")
     await wait_for(lambda: rdb.exists(f"session:{sid}"))
@@ -302,7 +323,8 @@ async def test_legacy_items_are_read_and_unreadable_ones_kept_aside(
     """A cart written by the legacy app in the case study's own format (`item:1`, `$`
     prices) is understood; a field no parser understands is kept, renamed, never lost."""
     gw = await cart_gateway(make_gateway)
-    await send(gw, upstream, "/a")  # a guest session
+    await send(gw, upstream, "/a", ("X-Session-Set", "seen=1"))  # a guest session
+    await send(gw, upstream, "/a")
     sid = upstream.last.header("X-Session-Id")
     rdb.hset(
         f"cart:{sid}",

@@ -162,18 +162,24 @@ async def test_cache_authenticated(make_gateway: GatewayFactory, upstream: Upstr
     assert [(await get(gw, "/products/a"))[2] for _ in range(2)] == ["MISS", "HIT"]
 
 
-async def test_a_hit_carries_the_visitors_new_session_cookie_only(
+async def test_a_hit_carries_only_this_visitors_cookie_decision(
     make_gateway: GatewayFactory, upstream: Upstream
 ) -> None:
+    import secrets
+
     gw = await cache_gateway(make_gateway)
     first = await gw.get("/products/c")
-    assert "sid" in first.cookies  # a new guest, cookie set by the gateway
-    gw.session.cookie_jar.clear()
+    assert first.headers["X-Cache"] == "MISS"
+    assert "Set-Cookie" not in first.headers  # anonymous: no guest until one is needed
     hit = await gw.get("/products/c")
     assert hit.headers["X-Cache"] == "HIT"
-    cookies = hit.headers.getall("Set-Cookie")
-    assert len(cookies) == 1 and cookies[0].startswith("sid=")
-    assert hit.cookies["sid"].value != first.cookies["sid"].value
+    assert "Set-Cookie" not in hit.headers
+    # A visitor with a stale cookie gets the hit plus its own cookie's expiry, nothing else.
+    gw.session.cookie_jar.clear()
+    stale = await gw.get("/products/c", headers={"Cookie": f"sid={secrets.token_urlsafe(32)}"})
+    assert stale.headers["X-Cache"] == "HIT"
+    cookies = stale.headers.getall("Set-Cookie")
+    assert len(cookies) == 1 and cookies[0].startswith("sid=;") and "Max-Age=0" in cookies[0]
 
 
 async def test_vary(make_gateway: GatewayFactory, upstream: Upstream) -> None:

@@ -10,11 +10,25 @@ import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from ..conftest import GatewayFactory, RedisServer, Upstream, base_config, login, wait_for
+from ..conftest import (
+    GatewayFactory,
+    RedisServer,
+    Upstream,
+    base_config,
+    login,
+    start_guest,
+    wait_for,
+)
 
 ROUTES: list[dict[str, Any]] = [
     {"path": "/login", "upstream": "app", "session": "optional", "instructions": ["login"]},
-    {"path": "/", "upstream": "app", "session": "optional", "guest": True},
+    {
+        "path": "/",
+        "upstream": "app",
+        "session": "optional",
+        "guest": True,
+        "instructions": ["set"],
+    },
 ]
 
 
@@ -38,6 +52,7 @@ async def test_views_are_recorded_newest_first_and_ranked(
     make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
 ) -> None:
     gw = await viewed_gateway(make_gateway)
+    await start_guest(gw, upstream)
     await visit(gw, "/products/a", "/products/b", "/products/a", "/cart", "/products/c/reviews")
     sid = upstream.last.header("X-Session-Id")
     assert sid
@@ -52,6 +67,7 @@ async def test_only_the_last_keep_items_are_kept(
     make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
 ) -> None:
     gw = await viewed_gateway(make_gateway, keep=3)
+    await start_guest(gw, upstream)
     await visit(gw, "/start")
     sid = upstream.last.header("X-Session-Id")
     assert sid
@@ -80,6 +96,7 @@ async def test_header_lists_recent_items_including_unflushed_ones(
     make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
 ) -> None:
     gw = await viewed_gateway(make_gateway, header=True, flush_interval=10)
+    await start_guest(gw, upstream)
     await visit(gw, "/start")
     assert upstream.last.header("X-Session-Viewed") == ""
     await visit(gw, "/products/a", "/products/b%2Cc")
@@ -96,6 +113,7 @@ async def test_login_keeps_the_history(
     make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
 ) -> None:
     gw = await viewed_gateway(make_gateway)
+    await start_guest(gw, upstream)
     await visit(gw, "/products/a", "/products/b")
     guest = upstream.last.header("X-Session-Id")
     assert guest
