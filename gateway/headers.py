@@ -104,19 +104,29 @@ SPOOFABLE_REQUEST_HEADERS = (
 
 
 class HeaderDrop:
-    """A set of lower-case names and ``family-*`` prefixes; ``matches`` takes a name
-    already normalised (lower-case, "_" read as "-")."""
+    """Names and ``family-*`` patterns to drop, less those to keep (a kept name or family
+    wins over a dropped family: keep ``cf-connecting-ip``, still drop the rest of
+    ``cf-connecting-*``). ``matches`` takes a name already normalised (lower-case, "_"
+    read as "-")."""
 
-    __slots__ = ("names", "prefixes")
+    __slots__ = ("keep_names", "keep_prefixes", "names", "prefixes")
 
     def __init__(self, patterns: Iterable[str], keep: Iterable[str] = ()) -> None:
         kept = set(keep)
         pats = [p for p in patterns if p not in kept]
         self.names = frozenset(p for p in pats if not p.endswith("*"))
         self.prefixes = tuple(p[:-1] for p in pats if p.endswith("*"))
+        self.keep_names = frozenset(k for k in kept if not k.endswith("*"))
+        self.keep_prefixes = tuple(k[:-1] for k in kept if k.endswith("*"))
 
     def matches(self, norm: str) -> bool:
-        return norm in self.names or (bool(self.prefixes) and norm.startswith(self.prefixes))
+        if norm in self.names:
+            return True
+        if not self.prefixes or not norm.startswith(self.prefixes):
+            return False
+        return norm not in self.keep_names and not (
+            self.keep_prefixes and norm.startswith(self.keep_prefixes)
+        )
 
 
 _PLAIN_VALUE = re.compile(r"[\x21-\x24\x26-\x7e]*")  # visible ASCII except %

@@ -43,7 +43,7 @@ from .responses import text_response, unavailable
 from .routing import Router
 from .sessions import RESERVED_FIELDS, Session, SessionStore, valid_token
 from .upstream import Upstream, upstream_target
-from .upstream_client import IDEMPOTENT, ConnectFailed, UpstreamResponse
+from .upstream_client import IDEMPOTENT, ConnectFailed, StreamsFull, UpstreamResponse
 from .websocket import is_websocket, proxy_websocket
 
 if TYPE_CHECKING:
@@ -244,13 +244,22 @@ class Gateway:
                     upstream_resp.release()
         except UpstreamFailure as f:
             # An expired cookie decided above still goes out with the error.
-            return _with_cookies(text_response(f.status, f.message), set_cookies)
+            return _with_cookies(text_response(f.status, f.message, f.headers), set_cookies)
         except ClientBodyError as e:
             self._refused(request, e.status, e.reason)
             text = f"bad request: {e.reason}" if e.status == 400 else e.reason
             resp = _with_cookies(text_response(e.status, text), set_cookies)
             # The rest of that body is not worth waiting for.
             resp.force_close()
+            if e.status != 413:
+                # A client that stopped sending, or whose framing cannot be trusted,
+                # gets its answer and the connection is closed at once (aiohttp would
+                # otherwise linger, reading what it takes for the rest of the body, for
+                # up to 10 s). A 413 lingers, so that a client still sending sees it.
+                await resp.prepare(request)
+                await resp.write_eof()
+                if request.transport is not None:
+                    request.transport.close()
             return resp
         except TooMany:
             self._refused(request, 429, "too many upstream connections from this client")
@@ -472,6 +481,11 @@ class Gateway:
                 if not isinstance(body, RequestBody) or not body.started:
                     continue
                 raise UpstreamFailure(502, "bad gateway: upstream refused the connection") from None
+            except StreamsFull:
+                metrics.UPSTREAM_ERRORS.labels("busy").inc()
+                raise UpstreamFailure(
+                    503, "service unavailable: too many uploads in progress", retry_after=5
+                ) from None
             except TimeoutError:
                 # A connect or a wait for a free pooled connection (PoolTimeout), or no
                 # answer within read_timeout (aiohttp's SocketTimeoutError).
@@ -818,10 +832,11 @@ class Gateway:
 
 
 class UpstreamFailure(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = {"Retry-After": str(retry_after)} if retry_after else None
 
 
 def _cookie_strings(settings: Settings) -> tuple[str, str]:

@@ -52,6 +52,10 @@ class ConnectFailed(OSError):
     """No connection could be opened: nothing was sent, so any request may go elsewhere."""
 
 
+class StreamsFull(Exception):
+    """As many streamed request bodies in flight to this server as its pool may hold."""
+
+
 class PoolTimeout(TimeoutError):
     """Neither a pooled connection came free nor a new one connected in time."""
 
@@ -250,7 +254,7 @@ class Pool:
         body: AsyncIterable[bytes],
     ) -> UpstreamResponse:
         if self._streams >= self.limit:
-            raise PoolTimeout(f"too many streamed uploads to {self.host}:{self.port}")
+            raise StreamsFull(f"too many streamed uploads to {self.host}:{self.port}")
         self._streams += 1
         try:
             proto = await self._connect()
