@@ -289,14 +289,14 @@ class SessionStore:
                 pipe.expire(user_set, self.settings.absolute_ttl)
                 _WRITES.inc(len(pipe.command_stack))
                 self.users.read_sample(pipe, uid)
-                members, size = (await pipe.execute())[-2:]
+                members = (await pipe.execute())[-1]
         if old is not None:
             self.forget(old.key_id)
         ended: list[str] = []
         try:
             async with asyncio.timeout(self.timeout):
                 newest = (float(stored["login_time"]), session.key_id)
-                ended = await self.users.trim(uid, newest, members, size)
+                ended = await self.users.trim(uid, newest, members)
         except REDIS_FAILURES as e:
             # The login itself is done and its cookie must reach the client; the next
             # login does the upkeep again. Sessions ended by a step whose reply was lost

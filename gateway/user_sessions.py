@@ -29,7 +29,7 @@ from .config import SessionSettings
 if TYPE_CHECKING:
     from .sessions import Keys
 
-SAMPLE = 200  # members a login checks, at least (2 x max_per_user when that is more)
+SAMPLE = 200  # members a login checks at most (2 x max_per_user when that is more)
 BATCH = 100  # sessions a logout-everywhere step ends
 _READS = metrics.REDIS_COMMANDS.labels("session_read")
 _WRITES = metrics.REDIS_COMMANDS.labels("session_write")
@@ -52,23 +52,19 @@ class UserSessions:
         self.keys = keys
         self.max_per_user = settings.max_per_user
         self.absolute_ttl = settings.absolute_ttl
-        # After every login the set holds at most max_per_user live ids and no dead one
-        # (when the sample covered it), so twice that covers the whole set until
-        # concurrent logins or a failed upkeep leave more behind.
+        # After a login whose sample covered the set, it holds no dead id and at most
+        # max_per_user live ones (one more after racing logins), so twice that keeps
+        # covering it unless a failed upkeep leaves more behind.
         self.sample = max(SAMPLE, 2 * settings.max_per_user)
 
     def read_sample(self, pipe: Pipeline, user_id: str) -> None:
-        """Queue on a login's transaction the two reads ``trim`` takes: up to
-        ``self.sample`` distinct members (all of them when the set is no larger; one
-        command, bounded by the sample) and the set's size."""
-        key = self.keys.user_sessions(user_id)
-        pipe.srandmember(key, self.sample)
-        pipe.scard(key)
-        _READS.inc(2)
+        """Queue on a login's transaction the read ``trim`` takes: up to ``self.sample``
+        distinct members, all of them when the set is no larger (one command, whose
+        cost the sample bounds, however large the set)."""
+        pipe.srandmember(self.keys.user_sessions(user_id), self.sample)
+        _READS.inc()
 
-    async def trim(
-        self, user_id: str, new: tuple[float, str], members: list[str], size: int
-    ) -> list[str]:
+    async def trim(self, user_id: str, new: tuple[float, str], members: list[str]) -> list[str]:
         """Drop the dead ids among ``members`` (read by ``read_sample`` after the login
         ``new`` = (login time, key id) was added) and end the live sessions beyond
         ``max_per_user``, oldest first, never ``new``. Returns the key ids ended here:
@@ -76,9 +72,9 @@ class UserSessions:
 
         The newest ``max_per_user`` are kept, plus ``new`` should a concurrent login be
         newer: two logins racing under a cap of 1 then keep one session, not none. When
-        the sample is not the whole set (``size`` larger: a set from before this upkeep
-        existed), sessions are ended only if the sample alone holds more than the cap,
-        so a user is never left with fewer; the dead ids it finds still go.
+        the sample is not the whole set (a set grown before this upkeep existed),
+        sessions are ended only if the sample alone holds more than the cap, so a user
+        is never left with fewer; the dead ids it finds go either way.
         """
         others = [m for m in members if m != new[1]]
         if not others:
