@@ -78,6 +78,18 @@ async def test_a_bloated_index_shrinks_by_a_bounded_sample_per_login(
     assert max(command_sizes(slowlog(rdb))) <= SAMPLE + 2
 
 
+async def test_login_succeeds_when_the_index_upkeep_fails(
+    gw: TestClient, upstream: Upstream, rdb: redis.Redis, whoami: None
+) -> None:
+    # A member whose key is no hash: the upkeep's HGET fails (WRONGTYPE), as a Redis
+    # error or timeout after the login's own transaction would.
+    rdb.sadd("user_sessions:7", "broken")
+    rdb.set("session:broken", "not a hash")
+    token = await fresh_login(gw, upstream, "7")
+    assert await authenticated_as(gw, token) == "7"
+    assert rdb.smembers("user_sessions:7") == {"broken", sid_hash(token)}
+
+
 # -- the cap ----------------------------------------------------------------------------------
 
 CART_ROUTES = [
