@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,7 @@ async def run(root: Path, members: int, real: int, timeout: float) -> dict[str, 
     rport, gport = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     runner, bport = await _backend()
+    ok = False
     try:
         procs.append(
             subprocess.Popen(
@@ -154,6 +156,7 @@ async def run(root: Path, members: int, real: int, timeout: float) -> dict[str, 
         slow = rdb.slowlog_get(-1)
         longest = max(slow, key=lambda e: int(e["duration"])) if slow else None
         left = sum(1 for _ in rdb.scan_iter("session:*", count=1000)) - 1  # the probe's
+        ok = True
         return {
             "root": str(root),
             "index_members": size,
@@ -176,6 +179,10 @@ async def run(root: Path, members: int, real: int, timeout: float) -> dict[str, 
             p.terminate()
             p.wait()
         await runner.cleanup()
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"logs kept in {tmp}", file=sys.stderr)
 
 
 def main() -> None:
