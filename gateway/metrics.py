@@ -22,6 +22,10 @@ ACTIVITY_DROPPED = Counter(
 )
 ACTIVITY_FLUSHES = Counter("gateway_activity_flushes_total", "Activity flushes", ["outcome"])
 ACTIVITY_PENDING = Gauge("gateway_activity_pending", "Sessions with unflushed activity")
+SESSIONS_CAPPED = Counter(
+    "gateway_sessions_capped_total",
+    "Sessions a login ended because their user held more than session.max_per_user",
+)
 PLUGIN_ERRORS = Counter("gateway_plugin_errors_total", "Plugin hooks that raised", ["plugin"])
 LATENCY = Histogram(
     "gateway_request_seconds",

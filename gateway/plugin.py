@@ -153,7 +153,9 @@ class Plugin:
         already exists, so an exception is logged and the login still succeeds."""
 
     async def logout(self, ctx: RequestContext, sessions: list[str]) -> None:
-        """These session key ids were deleted by a logout."""
+        """These session key ids were deleted: by a logout (a logout everywhere calls this
+        once per step, up to 100 ids each), or by a login that ended its user's oldest
+        sessions beyond ``session.max_per_user``. Runs before the response is sent."""
 
     async def cart(self, ctx: RequestContext, instructions: list[CartInstruction]) -> None:
         """The backend's X-Session-Cart-* instructions that this route allows, parsed."""

@@ -774,17 +774,24 @@ class Gateway:
         old = ctx.session
         if old is not None:
             self.activity.discard(self.store.keys.session(old.key_id))
-        new = await self._call_redis("login", self.store.login(old, fields))
+        new, ended = await self._call_redis(
+            "login", self.store.login(old, fields), bounded=False
+        )  # fmt: skip
         for p in plugins:
             # The session exists now; a plugin that cannot move its state is logged
             # rather than turning a completed login into an error.
             await self.chain.guarded(p, p.login, ctx, old, new)
+        if ended:
+            # The user's oldest sessions, beyond session.max_per_user.
+            await self._ended(ctx, plugins, ended)
         ctx.rotated_from = old
         ctx.logged_in = True
         ctx.session = new
         self._set_session_cookie(set_cookies, self._cookie(new.token))
         metrics.INSTRUCTIONS.labels("login", "applied").inc()
-        log.info("login user_id=%r session=%s", new.user_id, new.id[:12])
+        log.info(
+            "login user_id=%r session=%s ended=%d", new.user_id, new.id[:12], len(ended)
+        )  # fmt: skip
 
     async def _set(self, ctx: RequestContext, fields: dict[str, str]) -> None:
         s = ctx.session
@@ -809,12 +816,28 @@ class Gateway:
         if s is None:
             metrics.INSTRUCTIONS.labels("logout", "applied").inc()
             return
-        self.activity.discard(self.store.keys.session(s.key_id))
-        deleted = await self._call_redis("logout", self.store.logout(s, everywhere))
+        # Step by step, each within redis.timeout: a failure part-way answers 503 (the
+        # cookie still expires) and leaves the rest to the next logout everywhere.
+        steps = self.store.logout(s, everywhere)
+        n = 0
+        try:
+            while (ended := await self._call_redis("logout", anext(steps, None))) is not None:
+                n += len(ended)
+                await self._ended(ctx, plugins, ended)
+        finally:
+            await steps.aclose()
         metrics.INSTRUCTIONS.labels("logout", "applied").inc()
+        log.info(
+            "logout%s session=%s ended=%d", " everywhere" if everywhere else "", s.id[:12], n
+        )  # fmt: skip
+
+    async def _ended(self, ctx: RequestContext, plugins: list[Plugin], key_ids: list[str]) -> None:
+        """These sessions are gone from Redis: their buffered activity and what the
+        plugins keep for them go too."""
+        for k in key_ids:
+            self.activity.discard(self.store.keys.session(k))
         for p in plugins:
-            await self.chain.guarded(p, p.logout, ctx, deleted)
-        log.info("logout%s session=%s", " everywhere" if everywhere else "", s.id[:12])
+            await self.chain.guarded(p, p.logout, ctx, key_ids)
 
     # -- cookies -------------------------------------------------------------------------
 

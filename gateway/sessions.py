@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -20,7 +21,11 @@ from redis.asyncio import Redis
 from . import metrics
 from .batching import BatchedReader, Command
 from .config import SessionSettings
+from .errors import REDIS_FAILURES
 from .nearcache import NearCache, TrackingLink, ts
+from .user_sessions import UserSessions
+
+log = logging.getLogger("gateway.sessions")
 
 _WRITES = metrics.REDIS_COMMANDS.labels("session_write")
 _READS = metrics.REDIS_COMMANDS.labels("session_read")
@@ -47,7 +52,8 @@ def public_id(token: str) -> str:
 
 class Keys:
     """Key names in one place. With ``hash_tags`` (Redis Cluster) a session and its cart
-    share a slot: ``session:{id}`` and ``cart:{id}``."""
+    share a slot: ``session:{id}`` and ``cart:{id}``; so do a user's two index sets:
+    ``user_sessions:{uid}`` and ``user_sessions_ending:{uid}``."""
 
     def __init__(self, prefix: str = "", *, raw_tokens: bool = False, hash_tags: bool = False):
         self.prefix = prefix
@@ -76,7 +82,13 @@ class Keys:
         return f"{self.prefix}viewed:{self._tag(key_id)}"
 
     def user_sessions(self, user_id: str) -> str:
-        return f"{self.prefix}user_sessions:{user_id}"
+        return f"{self.prefix}user_sessions:{self._tag(user_id)}"
+
+    def user_sessions_ending(self, user_id: str) -> str:
+        """A logout everywhere's set being ended (user_sessions.py). Its family name is
+        no ``user_sessions:`` name for any user id (ids come from the backend and may
+        hold ``:``); under hash tags it shares the user set's slot, as RENAMENX needs."""
+        return f"{self.prefix}user_sessions_ending:{self._tag(user_id)}"
 
     def guest_counter(self, bucket: str) -> str:
         """Guests created from one client address this minute."""
@@ -116,7 +128,9 @@ class SessionStore:
         self.redis = redis
         self.settings = settings
         self.keys = keys
+        self.timeout = timeout
         self.reader = BatchedReader(redis, timeout)
+        self.users = UserSessions(redis, keys, settings)
         self.link = link
         self.cache: NearCache | None = link.cache if link is not None else None
         self.overlay = overlay
@@ -242,9 +256,12 @@ class SessionStore:
             new=True,
         )
 
-    async def login(self, old: Session | None, fields: dict[str, str]) -> Session:
+    async def login(self, old: Session | None, fields: dict[str, str]) -> tuple[Session, list[str]]:
         """A new session (new token, always) holding ``fields``; the old one is deleted in
-        the same transaction so a pre-login token never survives the login."""
+        the same transaction so a pre-login token never survives the login. Also the key
+        ids of the user's sessions this login ended (beyond ``session.max_per_user``):
+        the caller cleans up what else they own, as after a logout. Within
+        redis.timeout for the login itself, and as much again for the index upkeep."""
         token = new_token()
         now = time.time()
         stored = {
@@ -261,22 +278,37 @@ class SessionStore:
             deadline=now + self.settings.absolute_ttl,
         )
         key = self.keys.session(session.key_id)
-        user_set = self.keys.user_sessions(stored["user_id"])
-        async with self.redis.pipeline(transaction=True) as pipe:
-            if old is not None:
-                pipe.delete(self.keys.session(old.key_id))
-                if old.user_id:
-                    pipe.srem(self.keys.user_sessions(old.user_id), old.key_id)
-            pipe.hset(key, mapping=cast(Any, stored))
-            pipe.expire(key, self.settings.idle_ttl)
-            pipe.sadd(user_set, session.key_id)
-            # The index lives as long as the newest session could.
-            pipe.expire(user_set, self.settings.absolute_ttl)
-            _WRITES.inc(len(pipe.command_stack))
-            await pipe.execute()
+        uid = stored["user_id"]
+        user_set = self.keys.user_sessions(uid)
+        async with asyncio.timeout(self.timeout):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                if old is not None:
+                    pipe.delete(self.keys.session(old.key_id))
+                    if old.user_id:
+                        pipe.srem(self.keys.user_sessions(old.user_id), old.key_id)
+                pipe.hset(key, mapping=cast(Any, stored))
+                pipe.expire(key, self.settings.idle_ttl)
+                pipe.sadd(user_set, session.key_id)
+                # The index lives as long as the newest session could.
+                pipe.expire(user_set, self.settings.absolute_ttl)
+                _WRITES.inc(len(pipe.command_stack))
+                self.users.read_sample(pipe, uid)
+                members = (await pipe.execute())[-1]
         if old is not None:
             self.forget(old.key_id)
-        return session
+        ended: list[str] = []
+        try:
+            async with asyncio.timeout(self.timeout):
+                newest = (float(stored["login_time"]), session.key_id)
+                ended = await self.users.trim(uid, newest, members)
+        except REDIS_FAILURES as e:
+            # The login itself is done and its cookie must reach the client; the next
+            # login does the upkeep again. Sessions ended by a step whose reply was lost
+            # keep their cart and viewed list until those expire.
+            metrics.REDIS_ERRORS.labels("trim").inc()
+            log.warning("user session index upkeep failed: %s: %s", type(e).__name__, e)
+        self.forget(*ended)
+        return session, ended
 
     async def count_guest(self, bucket: str) -> int:
         """Count one more guest for this client address; the count of this minute."""
@@ -305,45 +337,26 @@ class SessionStore:
         self.forget(session.key_id)
         session.fields.update(fields)
 
-    async def logout(self, session: Session, everywhere: bool) -> list[str]:
-        """Delete this session, or every session of its user; returns the key ids."""
-        key = self.keys.session(session.key_id)
+    async def logout(self, session: Session, everywhere: bool) -> AsyncGenerator[list[str]]:
+        """End this session, then (``everywhere``) every other one of its user, in steps
+        of a round trip or two, each bounded by the caller's timeout. Each step yields
+        the key ids it ended (their hashes are gone). The first ends this session,
+        whatever the user's index holds; what a failure leaves, the next logout
+        everywhere ends (``UserSessions.end_all``)."""
         uid = session.user_id
-        if not everywhere or not uid:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(key)
-                if uid:
-                    pipe.srem(self.keys.user_sessions(uid), session.key_id)
-                _WRITES.inc(len(pipe.command_stack))
-                await pipe.execute()
-            self.forget(session.key_id)
-            return [session.key_id]
-        # One script: a login between reading the index and deleting its sessions
-        # would otherwise survive, or lose its place in the index.
-        _WRITES.inc()
-        members = cast(
-            list[str],
-            await self.redis.eval(
-                _LOGOUT_ALL,
-                1,
-                self.keys.user_sessions(uid),
-                session.key_id,
-                *self.keys.session_affixes(),
-            ),
-        )
-        self.forget(*members)
-        return sorted(members)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.session(session.key_id))
+            if uid:
+                pipe.srem(self.keys.user_sessions(uid), session.key_id)
+            _WRITES.inc(len(pipe.command_stack))
+            await pipe.execute()
+        self.forget(session.key_id)
+        yield [session.key_id]
+        if everywhere and uid:
+            async for ids in self.users.end_all(uid):
+                self.forget(*ids)
+                yield ids
 
-
-# KEYS[1] = user_sessions:<uid>; ARGV = this session's key id, key prefix, key suffix
-# (the session key is prefix .. id .. suffix, so hash tags keep working). Returns ids.
-_LOGOUT_ALL = """
-local ids = redis.call('SMEMBERS', KEYS[1])
-table.insert(ids, ARGV[1])
-for _, id in ipairs(ids) do redis.call('DEL', ARGV[2] .. id .. ARGV[3]) end
-redis.call('DEL', KEYS[1])
-return ids
-"""
 
 _HSET_IF_EXISTS = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
