@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from .app import REDIS, build_admin_app, build_app, server_kwargs
 from .config import ConfigError, Settings, load_settings, split_host_port
 from .errors import REDIS_FAILURES
 from .plugin import validate_plugins
+from .tls import listeners, server_context
 
 log = logging.getLogger("gateway")
 
@@ -37,7 +39,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-async def serve(settings: Settings, worker: int | None = None) -> None:
+async def serve(
+    settings: Settings, worker: int | None = None, tls: ssl.SSLContext | None = None
+) -> None:
+    """Run until SIGTERM/SIGINT. ``tls``: server_context(settings.listen_tls), built by
+    main() so that a bad certificate is a config error, not a start-up failure."""
     app = build_app(settings)
     runner = web.AppRunner(
         app,
@@ -51,9 +57,14 @@ async def serve(settings: Settings, worker: int | None = None) -> None:
         await runner.app[REDIS].ping()
     except REDIS_FAILURES as e:
         log.warning("redis not reachable at start (%s); routes follow on_redis_error", e)
-    host, port = split_host_port(settings.listen)
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=worker is not None)
-    await site.start()
+    names = []
+    for address, context in listeners(settings, tls):
+        host, port = split_host_port(address)
+        site = web.TCPSite(
+            runner, host, port, backlog=1024, reuse_port=worker is not None, ssl_context=context
+        )
+        await site.start()
+        names.append(f"{'https' if context else 'http'}://{address}")
     admin_runner: web.AppRunner | None = None
     # With several workers only the first serves /healthz and /metrics (its own counters).
     if settings.admin.listen and not worker:
@@ -67,7 +78,7 @@ async def serve(settings: Settings, worker: int | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     who = f"worker {worker}, " if worker is not None else ""
-    log.info("gateway listening on %s (%spid %d)", settings.listen, who, os.getpid())
+    log.info("gateway listening on %s (%spid %d)", ", ".join(names), who, os.getpid())
     await stop.wait()
     log.info("stopping: draining in-flight requests (up to %.0fs)", settings.shutdown_timeout)
     if admin_runner is not None:
@@ -83,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         validate_plugins(settings)
+        # Here, not in config validation: it reads files, and a bad one must stop --check
+        # too. Each worker builds its own (an SSLContext does not cross processes).
+        tls = server_context(settings.listen_tls) if settings.listen_tls else None
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -108,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; this is for odd platforms
         runner = asyncio.run  # type: ignore[assignment]
     try:
-        runner(serve(settings, args.worker_index))
+        runner(serve(settings, args.worker_index, tls))
     except KeyboardInterrupt:
         pass
     except Exception as e:

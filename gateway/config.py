@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -266,8 +267,16 @@ class SigningSettings(_Frozen):
     """Sign the X-Session-* headers sent upstream (signing.py), so a backend reachable
     directly can refuse requests that did not come through the gateway."""
 
-    key: str = Field(min_length=32, description="HMAC-SHA256 key; use ${ENV}")
+    # SecretStr: the key shows as ********** in any repr, log line or error message.
+    key: SecretStr = Field(description="HMAC-SHA256 key; use ${ENV}")
     header: str = "X-Session-Signature"
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: SecretStr) -> SecretStr:
+        if len(v.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return v
 
     @field_validator("header")
     @classmethod

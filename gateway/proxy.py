@@ -42,6 +42,7 @@ from .plugin import CartInstruction, Chain, Plugin, RequestContext, ResponseHead
 from .responses import text_response, unavailable
 from .routing import Router
 from .sessions import RESERVED_FIELDS, Session, SessionStore, valid_token
+from .signing import sign
 from .upstream import Upstream, upstream_target
 from .upstream_client import IDEMPOTENT, ConnectFailed, StreamsFull, UpstreamResponse
 from .websocket import is_websocket, proxy_websocket
@@ -116,6 +117,8 @@ class Gateway:
         self._refusals = Throttle()
         self._background: set[asyncio.Task[tuple[bool, object]]] = set()
         self._request_counters: dict[tuple[str, int], Any] = {}
+        sig = settings.signing
+        self._signing = (sig.key.get_secret_value().encode(), sig.header) if sig else None
 
     # -- entry point ---------------------------------------------------------------------
 
@@ -431,6 +434,13 @@ class Gateway:
         headers["X-Request-Id"] = ctx.request_id
         if ctx.route.session != "none":
             self._session_headers(ctx, headers)
+        if self._signing is not None:
+            # Last, over the headers exactly as they leave (also on session: none routes:
+            # the backend learns the request came through the gateway, with no identity).
+            key, name = self._signing
+            target = upstream_target(request)
+            headers.popall(name, None)
+            headers.add(name, sign(key, request.method, target, headers, header=name))
         return headers
 
     def _session_headers(self, ctx: RequestContext, headers: CIMultiDict[str]) -> None:
