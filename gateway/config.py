@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from .paths import route_path
+
 __all__ = [
     "ConfigError",
     "CookieSettings",
@@ -165,9 +167,8 @@ class RouteSettings(_Frozen):
     @field_validator("path")
     @classmethod
     def _path(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError("must start with /")
-        return v
+        # Requests are matched in canonical form (paths.py), so the prefix must be one.
+        return route_path(v)
 
     @field_validator("methods")
     @classmethod

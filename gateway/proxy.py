@@ -6,7 +6,6 @@ import asyncio
 import ipaddress
 import itertools
 import logging
-import re
 import secrets
 import time
 from collections.abc import Awaitable
@@ -35,11 +34,12 @@ from .headers import (
 )
 from .instructions import collect, dropped
 from .logs import request_id_var
+from .paths import PathError, split_target
 from .plugin import CartInstruction, Chain, Plugin, RequestContext, ResponseHead
 from .responses import text_response, unavailable
 from .routing import Router
 from .sessions import RESERVED_FIELDS, Session, SessionStore, valid_token
-from .upstream import Upstream, upstream_target
+from .upstream import Upstream
 from .upstream_client import IDEMPOTENT, ConnectFailed, UpstreamResponse
 from .websocket import is_websocket, proxy_websocket
 
@@ -56,9 +56,6 @@ CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # read whole and sent with the headers; larger bodies stream
 MAX_PAGE = 512  # bytes of current_page kept per session
 _STARTED = web.RequestKey("gateway_response_started", web.StreamResponse)
-_PAGE_SAFE = "/:@!$&'()*+,;=-._~"
-# What quote() would leave unchanged: most paths, which then skip it.
-_PAGE_PLAIN = re.compile(f"[A-Za-z0-9{re.escape(_PAGE_SAFE)}]*")
 _HOST_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]")
 
 
@@ -87,7 +84,7 @@ class Gateway:
         self.chain = chain
         # WebSocket upgrades only; plain HTTP goes through the upstreams' pools.
         self.ws_client = ws_client
-        self.router = Router(settings.routes)
+        self.router = Router(settings.routes, settings.paths)
         self.upstreams = {n: Upstream(n, u) for n, u in settings.upstreams.items()}
         self.cookie = settings.session.cookie
         self._cookie_tail, self._cookie_expired = _cookie_strings(settings)
@@ -106,14 +103,19 @@ class Gateway:
         route: RouteSettings | None = None
         try:
             bad = self._malformed(request)
-            if bad:
+            if bad is None:
+                try:
+                    raw_path, query = split_target(request.raw_path)
+                    path, route = self.router.resolve(raw_path, request.method, request.host)
+                except PathError as e:
+                    bad = str(e)
+                    log.info("refused request target %r: %s", request.raw_path[:200], bad)
+            if bad is not None:
                 resp: web.StreamResponse = text_response(400, f"bad request: {bad}")
+            elif route is None:
+                resp = text_response(404, "no route")
             else:
-                route = self.router.match(request.path, request.method, request.host)
-                if route is None:
-                    resp = text_response(404, "no route")
-                else:
-                    resp = await self._handle_route(request, route, rid)
+                resp = await self._handle_route(request, route, rid, path, path + query)
         except web.HTTPException:
             raise
         except asyncio.CancelledError:
@@ -161,21 +163,14 @@ class Gateway:
         hosts = h.getall("Host", ())
         if len(hosts) > 1 or (hosts and not set(hosts[0]) <= _HOST_RE_CHARS):
             return "invalid Host"
-        path = request.path
-        if "/../" in path or path.endswith("/..") or "/./" in path or "\x00" in path:
-            return "dot segments in path"
-        # IIS reads "\\" as "/" and Tomcat drops ";params" from a segment, so "..\\" and
-        # "..;" are dot segments to them.
-        if "..\\" in path or "\\.." in path or "/..;" in path:
-            return "dot segments in path"
         return None
 
     # -- one route -----------------------------------------------------------------------
 
     async def _handle_route(
-        self, request: web.Request, route: RouteSettings, rid: str
+        self, request: web.Request, route: RouteSettings, rid: str, path: str, target: str
     ) -> web.StreamResponse:
-        ctx = RequestContext(request=request, route=route, request_id=rid)
+        ctx = RequestContext(request=request, route=route, request_id=rid, path=path, target=target)
         set_cookies: list[str] = []
         plugins = self.chain.for_route(route)
         if route.session != "none":
@@ -200,7 +195,7 @@ class Gateway:
         upstream = self.upstreams[route.upstream]
         headers = self.upstream_headers(ctx)
         try:
-            upstream_resp = await self._send(request, upstream, headers)
+            upstream_resp = await self._send(request, ctx.target, upstream, headers)
         except UpstreamFailure as f:
             # A guest created for this request keeps its cookie even though the backend
             # failed; otherwise every retry would mint another guest.
@@ -266,7 +261,7 @@ class Gateway:
         elif stale and ctx.session is None and len(values) <= 1:
             set_cookies.append(self._expired_cookie())
         if ctx.session is None and route.session == "required":
-            return self._unauthenticated(request, route, set_cookies)
+            return self._unauthenticated(ctx, set_cookies)
         return None
 
     async def _load(
@@ -307,13 +302,12 @@ class Gateway:
                 i += n
         return session
 
-    def _unauthenticated(
-        self, request: web.Request, route: RouteSettings, set_cookies: list[str]
-    ) -> web.StreamResponse:
-        if route.login_url and request.method in ("GET", "HEAD"):
+    def _unauthenticated(self, ctx: RequestContext, set_cookies: list[str]) -> web.StreamResponse:
+        route = ctx.route
+        if route.login_url and ctx.request.method in ("GET", "HEAD"):
             # Only a same-site relative path goes into next: an absolute or
             # scheme-relative URL there would make the login page an open redirect.
-            nxt = request.raw_path
+            nxt = ctx.target
             if not nxt.startswith("/") or nxt.startswith("//") or "\\" in nxt:
                 nxt = "/"
             sep = "&" if "?" in route.login_url else "?"
@@ -392,11 +386,11 @@ class Gateway:
     async def _send(
         self,
         request: web.Request,
+        target: str,
         upstream: Upstream,
         headers: CIMultiDict[str],
     ) -> UpstreamResponse:
         body = _Body(request) if request.body_exists else None
-        target = upstream_target(request)
         name = upstream.name
         last_error = ""
         for server in upstream.candidates():
@@ -574,13 +568,9 @@ class Gateway:
         # to the session it replaced.
         if s is None or not ctx.redis_ok or ctx.logged_in:
             return
-        # Percent-encoded ASCII: the decoded path may hold anything (lone surrogates
-        # from undecodable bytes under the pure-Python parser) and must not be able to
-        # break the activity flush for every other session.
-        path = ctx.request.path
-        if not _PAGE_PLAIN.fullmatch(path):
-            path = quote(path, safe=_PAGE_SAFE, errors="surrogateescape")
-        page = path[:MAX_PAGE]
+        # The canonical path is visible ASCII (the decoded one may hold lone surrogates
+        # that would break the activity flush for every other session).
+        page = ctx.path[:MAX_PAGE]
         self.activity.record(self.store.keys.session(s.key_id), page, s.deadline)
 
     def _completed(self, ctx: RequestContext, plugins: list[Plugin]) -> None:
