@@ -97,18 +97,10 @@ def readings(raw_path: str, merge_slashes: bool, *, lower: bool = True) -> list[
     ``/%2Faccount/x%2500`` would escape the check.
     """
     if _is_plain(raw_path):
+        # The common case: nothing but the case can read differently.
         low = raw_path.lower() if lower else raw_path
         return [low] if low != raw_path else []
-    canon = canonical(raw_path, merge_slashes)
-    seen = {canon}
-    out: list[str] = []
-    for base in _decodings(raw_path):
-        for variant in _variants(base, lower):
-            r = _structure(_escapes(_visible(variant), lenient=True), merge_slashes=True)
-            if r not in seen:
-                seen.add(r)
-                out.append(r)
-    return out
+    return _all_readings(raw_path, merge_slashes, lower)
 
 
 def strict_refusal(path: str) -> str | None:
@@ -151,6 +143,20 @@ def _is_plain(path: str) -> bool:
         and "./" not in path
         and not path.endswith(".")
     )
+
+
+def _all_readings(raw_path: str, merge_slashes: bool, lower: bool) -> list[str]:
+    """:func:`readings` without its shortcut for plain paths."""
+    canon = canonical(raw_path, merge_slashes)
+    seen = {canon}
+    out: list[str] = []
+    for base in _decodings(raw_path):
+        for variant in _variants(base, lower):
+            r = _structure(_escapes(_visible(variant), lenient=True), merge_slashes=True)
+            if r not in seen:
+                seen.add(r)
+                out.append(r)
+    return out
 
 
 def _escapes(path: str, *, lenient: bool) -> str:
