@@ -243,6 +243,10 @@ class PathSettings(_Frozen):
     # ending in a dot or space, not only those that another reading would route
     # elsewhere.
     strict: bool = False
+    # Characters of a raw path (the query is not counted); longer is 414. Reading a
+    # path every way a backend might costs about 0.6 ms per KiB of a hostile one, so
+    # this bounds what one request can cost. IIS's default maxUrl is the same.
+    max_length: int = Field(4096, ge=64, le=65536)
 
 
 class ClientHeaderSettings(_Frozen):

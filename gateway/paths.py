@@ -20,16 +20,38 @@ passes bytes >= 0x80 as lone surrogates, which are refused here).
 
 from __future__ import annotations
 
-import itertools
+import functools
 import re
-from collections.abc import Callable, Iterator
-from string import ascii_letters, ascii_lowercase, ascii_uppercase, digits
+from collections.abc import Callable, Iterable, Iterator
+from string import ascii_letters, digits
 from urllib.parse import quote, unquote_to_bytes
 
-__all__ = ["PathError", "canonical", "readings", "route_path", "split_target", "strict_refusal"]
+__all__ = [
+    "PathError",
+    "canonical",
+    "read",
+    "readings",
+    "route_path",
+    "split_target",
+    "strict_refusal",
+]
 
 UNRESERVED = frozenset(ascii_letters + digits + "-._~")
-_HEX = frozenset("0123456789abcdefABCDEF")
+# Readings of paths up to this long are remembered, this many (at most ~1024 x 18
+# readings x 256 characters, some 5 MB, for an attacker churning it).
+MEMO_LENGTH = 256
+MEMO_ENTRIES = 1024
+_HEX = "0123456789abcdefABCDEF"
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_CONTROL_ESCAPE = re.compile(r"%(?:[01][0-9A-Fa-f]|7[Ff])")
+# Each hex pair (in any case) to its canonical form: the unreserved character, or the
+# escape upper-cased.
+_NORMAL_ESCAPES = {
+    a + b: (chr(int(a + b, 16)) if chr(int(a + b, 16)) in UNRESERVED else "%" + (a + b).upper())
+    for a in _HEX
+    for b in _HEX
+}
 # Paths that no reading changes except lower-casing: no escapes, backslashes, ;params,
 # repeated slashes or segments ending in a dot (which also catches "." and "..").
 _PLAIN = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
@@ -37,16 +59,28 @@ _VISIBLE = re.compile(r"[!-~]*")
 _SLASHES = re.compile(r"//+")
 # A segment ending in a dot or a space (raw spaces are refused, so only %20 remains).
 _DOT_OR_SPACE_END = re.compile(r"(\.|%20)(?=/|$)")
-# The same in a reading, before backslashes and ;params have made the segments.
-_TRAILING = re.compile(r"[. ](?=[/;\\]|$)")
-# Case-insensitive servers fold ASCII letters only: a decoded reading holds one
-# character per byte, and str.lower() would turn byte 0xC3 into 0xE3.
-_ASCII_LOWER = str.maketrans(ascii_uppercase, ascii_lowercase)
+# The same in a reading (made visible again, so a space is %20), before backslashes
+# and ;params have made the segments.
+_TRAILING = re.compile(r"(?:\.|%20)(?=[/;\\]|$)")
+# Dots and spaces ending a segment that has something else in it ("a. ", "a..").
+_TRAILING_IN_SEGMENT = re.compile(r"(?<![/.])(?:\.|%20)+(?=/|$)")
+# A segment of nothing but dots and spaces ("...", ".. ").
+_DOTS_ONLY = re.compile(r"(?<=/)(?:\.|%20)+(?=/|$)")
+_PARAMS = re.compile(r";[^/]*")
+_INVISIBLE = re.compile(r"[^!-~]|[#?]")
+_PLAIN_UPPER = re.compile(r"[A-Z]")
+# An upper-case letter that is not the hex digit of an escape.
+_UPPER = re.compile(r"(?<!%)(?<!%.)[A-Z]")
 _ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
 
 
 class PathError(ValueError):
-    """A path the gateway refuses; the message is the short reason for the 400."""
+    """A path the gateway refuses; the message is the short reason for the answer, whose
+    status is ``status`` (400, or 414 for a path over ``paths.max_length``)."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 def split_target(raw_target: str) -> tuple[str, str]:
@@ -75,13 +109,7 @@ def canonical(raw_path: str, merge_slashes: bool) -> str:
     """The gateway's one reading of ``raw_path`` (raises PathError when it has none)."""
     if _is_plain(raw_path):
         return raw_path
-    if not raw_path.startswith("/"):
-        raise PathError("path must start with /")
-    if not _VISIBLE.fullmatch(raw_path):
-        raise PathError("path must be visible ASCII")
-    if "#" in raw_path:
-        raise PathError("# in path")
-    return _structure(_escapes(raw_path, lenient=False), merge_slashes)
+    return _structure(_escaped(raw_path), merge_slashes)
 
 
 def readings(raw_path: str, merge_slashes: bool, *, lower: bool = True) -> list[str]:
@@ -90,17 +118,38 @@ def readings(raw_path: str, merge_slashes: bool, *, lower: bool = True) -> list[
 
     Read as: decoded once and twice, ``\\`` as ``/``, ``;params`` dropped from every
     segment, trailing dots and spaces dropped from every segment, lower-cased
-    (``lower=False`` leaves that out), and every combination of these; each with
+    (``lower=False`` leaves that out), and all of these together; each with
     repeated slashes merged, whatever ``merge_slashes`` says, because the backend may
     merge them. A decoded reading can hold bytes a raw path may not (controls, ``%zz``,
     non-ASCII): they are kept encoded rather than the reading dropped, or
     ``/%2Faccount/x%2500`` would escape the check.
     """
+    return list(read(raw_path, merge_slashes, lower=lower)[1])
+
+
+def read(raw_path: str, merge_slashes: bool, *, lower: bool = True) -> tuple[str, Iterable[str]]:
+    """:func:`canonical` and :func:`readings` at once, sharing the work (the router's
+    call). The readings of a long path come lazily, so a caller can stop at the first
+    that matters."""
     if _is_plain(raw_path):
         # The common case: nothing but the case can read differently.
-        low = raw_path.lower() if lower else raw_path
-        return [low] if low != raw_path else []
-    return _all_readings(raw_path, merge_slashes, lower)
+        if lower and _PLAIN_UPPER.search(raw_path):
+            return raw_path, (raw_path.lower(),)
+        return raw_path, ()
+    if len(raw_path) <= MEMO_LENGTH:
+        return _read_memo(raw_path, merge_slashes, lower)
+    escaped = _escaped(raw_path)
+    canon = _structure(escaped, merge_slashes)
+    return canon, _others(raw_path, escaped, canon, lower)
+
+
+@functools.lru_cache(maxsize=MEMO_ENTRIES)
+def _read_memo(raw_path: str, merge_slashes: bool, lower: bool) -> tuple[str, tuple[str, ...]]:
+    # Paths with escapes repeat (a shop's pages with accented names): reading one costs
+    # some 8 us, a hit well under 1. A PathError is not remembered.
+    escaped = _escaped(raw_path)
+    canon = _structure(escaped, merge_slashes)
+    return canon, tuple(_others(raw_path, escaped, canon, lower))
 
 
 def strict_refusal(path: str) -> str | None:
@@ -145,18 +194,32 @@ def _is_plain(path: str) -> bool:
     )
 
 
-def _all_readings(raw_path: str, merge_slashes: bool, lower: bool) -> list[str]:
-    """:func:`readings` without its shortcut for plain paths."""
-    canon = canonical(raw_path, merge_slashes)
+def _escaped(raw_path: str) -> str:
+    """``raw_path`` checked, with its escapes normalised (the first step of canonical)."""
+    if not raw_path.startswith("/"):
+        raise PathError("path must start with /")
+    if not _VISIBLE.fullmatch(raw_path):
+        raise PathError("path must be visible ASCII")
+    if "#" in raw_path:
+        raise PathError("# in path")
+    return _escapes(raw_path, lenient=False)
+
+
+def _others(raw_path: str, escaped: str, canon: str, lower: bool) -> Iterator[str]:
+    """The readings of ``raw_path`` other than ``canon``. ``escaped`` is ``raw_path``
+    with its escapes normalised: the undecoded base, with ``%2e`` already a dot."""
+    bases = [escaped]
+    for decoded in _decodings(raw_path):
+        v = _visible(decoded)
+        if v not in bases:
+            bases.append(v)
     seen = {canon}
-    out: list[str] = []
-    for base in _decodings(raw_path):
+    for base in bases:
         for variant in _variants(base, lower):
-            r = _structure(_escapes(_visible(variant), lenient=True), merge_slashes=True)
+            r = _structure(_escapes(variant, lenient=True), merge_slashes=True)
             if r not in seen:
                 seen.add(r)
-                out.append(r)
-    return out
+                yield r
 
 
 def _escapes(path: str, *, lenient: bool) -> str:
@@ -165,24 +228,17 @@ def _escapes(path: str, *, lenient: bool) -> str:
     readings): a stray ``%`` becomes ``%25`` and control bytes stay encoded."""
     if "%" not in path:
         return path
-    parts = path.split("%")
-    out = [parts[0]]
-    for part in parts[1:]:
-        h = part[:2]
-        if len(h) < 2 or not (h[0] in _HEX and h[1] in _HEX):
-            if not lenient:
-                raise PathError("malformed percent escape in path")
-            out.append("%25" + part)
-            continue
-        v = int(h, 16)
-        if v < 0x20 or v == 0x7F:
-            if not lenient:
-                raise PathError("encoded control character in path")
-        elif chr(v) in UNRESERVED:
-            out.append(chr(v) + part[2:])
-            continue
-        out.append("%" + h.upper() + part[2:])
-    return "".join(out)
+    if lenient:
+        path = _BAD_ESCAPE.sub("%25", path)
+    elif _BAD_ESCAPE.search(path):
+        raise PathError("malformed percent escape in path")
+    elif _CONTROL_ESCAPE.search(path):
+        raise PathError("encoded control character in path")
+    return _ESCAPE.sub(_normal_escape, path)
+
+
+def _normal_escape(m: re.Match[str]) -> str:
+    return _NORMAL_ESCAPES[m[1]]
 
 
 def _structure(path: str, merge_slashes: bool) -> str:
@@ -206,9 +262,8 @@ def _structure(path: str, merge_slashes: bool) -> str:
 
 
 def _decodings(raw_path: str) -> Iterator[str]:
-    """The raw path, then decoded once and twice (IIS), as long as each changes it. One
+    """The raw path decoded once, then twice (IIS), as long as each changes it. One
     character per byte (latin-1), so no byte is lost before :func:`_visible`."""
-    yield raw_path
     path = raw_path
     for _ in range(2):
         if "%" not in path:
@@ -220,25 +275,30 @@ def _decodings(raw_path: str) -> Iterator[str]:
         path = decoded
 
 
+# Whole-string substitutions, not loops over segments: a hostile path may have
+# thousands of them.
 def _backslash(path: str) -> str:
     return path.replace("\\", "/")
 
 
 def _no_params(path: str) -> str:
-    return "/".join(seg.split(";", 1)[0] for seg in path.split("/"))
+    return _PARAMS.sub("", path)
 
 
 def _no_trailing_dots(path: str) -> str:
-    return "/".join(seg if seg in (".", "..") else seg.rstrip(". ") for seg in path.split("/"))
+    return _DOTS_ONLY.sub(_dot_segment, _TRAILING_IN_SEGMENT.sub("", path))
 
 
-def _lower(path: str) -> str:
-    return path.translate(_ASCII_LOWER)
+def _dot_segment(m: re.Match[str]) -> str:
+    # How Windows reads "..." or ".. " is not something to bet a route on: read the way
+    # that climbs (".." with two dots or more), so the other route is found if any.
+    dots = m[0].count(".")
+    return ".." if dots >= 2 else "." if dots else ""
 
 
 def _variants(path: str, lower: bool) -> Iterator[str]:
-    """``path`` under every combination of the transforms that can change it, applied
-    in one order (backslashes first: they make segments)."""
+    """``path`` as it is, under each transform that can change it, then under all of
+    them together (in this order: backslashes first, they make segments)."""
     steps: list[Callable[[str], str]] = []
     if "\\" in path:
         steps.append(_backslash)
@@ -246,19 +306,23 @@ def _variants(path: str, lower: bool) -> Iterator[str]:
         steps.append(_no_params)
     if _TRAILING.search(path):
         steps.append(_no_trailing_dots)
-    if lower and path != _lower(path):
-        steps.append(_lower)
-    for n in range(len(steps) + 1):
-        for combo in itertools.combinations(steps, n):
-            v = path
-            for step in combo:
-                v = step(v)
-            yield v
+    if lower and _UPPER.search(path):
+        # Every base is ASCII by now (see _visible), so only ASCII letters change.
+        steps.append(str.lower)
+    yield path
+    for step in steps:
+        yield step(path)
+    if len(steps) > 1:
+        for step in steps:
+            path = step(path)
+        yield path
 
 
 def _visible(path: str) -> str:
     """A decoded reading made visible ASCII again: every other byte, ``#`` and ``?``
     percent-encoded (they are data in a decoded path)."""
-    if not _VISIBLE.fullmatch(path) or "#" in path or "?" in path:
-        path = "".join(c if "!" <= c <= "~" and c not in "#?" else f"%{ord(c):02X}" for c in path)
-    return path
+    return _INVISIBLE.sub(_percent, path)
+
+
+def _percent(m: re.Match[str]) -> str:
+    return f"%{ord(m[0]):02X}"

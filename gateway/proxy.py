@@ -103,19 +103,20 @@ class Gateway:
         route: RouteSettings | None = None
         try:
             bad = self._malformed(request)
-            if bad is None:
+            if bad is not None:
+                resp: web.StreamResponse = text_response(400, f"bad request: {bad}")
+            else:
                 try:
                     raw_path, query = split_target(request.raw_path)
                     path, route = self.router.resolve(raw_path, request.method, request.host)
                 except PathError as e:
-                    bad = str(e)
-                    log.info("refused request target %r: %s", request.raw_path[:200], bad)
-            if bad is not None:
-                resp: web.StreamResponse = text_response(400, f"bad request: {bad}")
-            elif route is None:
-                resp = text_response(404, "no route")
-            else:
-                resp = await self._handle_route(request, route, rid, path, path + query)
+                    log.info("refused request target %r: %s", request.raw_path[:200], e)
+                    resp = text_response(e.status, f"bad request: {e}")
+                else:
+                    if route is None:
+                        resp = text_response(404, "no route")
+                    else:
+                        resp = await self._handle_route(request, route, rid, path, path + query)
         except web.HTTPException:
             raise
         except asyncio.CancelledError:

@@ -6,7 +6,7 @@ The path matched is the canonical one (paths.py), and it is the path sent upstre
 from __future__ import annotations
 
 from .config import PathSettings, RouteSettings
-from .paths import PathError, canonical, readings, strict_refusal
+from .paths import PathError, read, strict_refusal
 
 
 class Router:
@@ -45,14 +45,15 @@ class Router:
         may read it that way: ``/%2faccount/x`` must not reach the ``/`` route's backend
         as a guest when that backend serves it as ``/account/x``.
         """
-        merge = self._paths.merge_slashes
-        path = canonical(raw_path, merge)
+        if len(raw_path) > self._paths.max_length:
+            raise PathError(f"path longer than {self._paths.max_length} characters", 414)
+        path, others = read(raw_path, self._paths.merge_slashes, lower=not self._fold)
         if self._paths.strict:
             why = strict_refusal(path)
             if why is not None:
                 raise PathError(why)
         route = self.match(path, method, host)
-        for other in readings(raw_path, merge, lower=not self._fold):
+        for other in others:
             if self.match(other, method, host) is not route:
                 raise PathError("ambiguous path")
         return path, route
