@@ -24,6 +24,7 @@ from gateway import paths
 from gateway.config import ConfigError, parse_settings
 from gateway.paths import PathError, canonical, readings, route_path, split_target
 from gateway.routing import Router
+from plugins.viewed_items import item_of, item_pattern
 
 from .conftest import (
     GatewayFactory,
@@ -167,6 +168,14 @@ def test_readings_include(raw: str, reading: str) -> None:
 def test_no_other_reading(raw: str) -> None:
     # Only ASCII letters are lower-cased: the byte 0xC3 of a decoded reading is not.
     assert readings(raw, merge_slashes=True) == []
+
+
+@pytest.mark.parametrize("raw", [raw for raw, _ in READS_AS])
+def test_long_paths_have_the_same_readings(raw: str) -> None:
+    """Readings of paths up to MEMO_LENGTH are memoised, longer ones come lazily."""
+    pad = "/x" * (paths.MEMO_LENGTH // 2)
+    assert len(pad + raw) > paths.MEMO_LENGTH >= len(raw)
+    assert readings(pad + raw, True) == [pad + r for r in readings(raw, True)]
 
 
 def test_lower_case_reading_can_be_left_out() -> None:
@@ -579,6 +588,22 @@ async def test_login_redirect_next_is_the_canonical_target(shop: TestClient) -> 
     status, raw = await send(shop, b"/members/./x/../y?z=%2F")
     assert status == 302
     assert b"\r\nLocation: /login?next=%2Fmembers%2Fy%3Fz%3D%252F\r\n" in raw
+
+
+@pytest.mark.parametrize(
+    ("path", "item"),
+    [
+        ("/products/laptop-123", "laptop-123"),
+        ("/products/b%2Cc", "b,c"),
+        ("/products/caf%C3%A9", "caf\xe9"),
+        ("/products/a%2Fb", None),  # one segment, but it would name the item "a/b"
+        ("/products/%FF", None),  # not UTF-8
+        ("/products/a%E2%80%8Bb", None),  # a zero-width space: unprintable
+        ("/products/a/b", None),
+    ],
+)
+def test_viewed_item_is_read_from_the_canonical_path(path: str, item: str | None) -> None:
+    assert item_of(item_pattern("/products/{item}"), path) == item
 
 
 async def test_page_cache_shares_one_entry_across_spellings(
