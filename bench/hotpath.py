@@ -62,7 +62,10 @@ async def measure(rounds: int, per_round: int) -> list[float]:
         for _ in range(rounds):
             started = time.perf_counter()
             for i in range(per_round):
-                ctx = RequestContext(request=requests[i % 1000], route=route, request_id="r" * 32)
+                ctx = RequestContext(
+                    request=requests[i % 1000], route=route, request_id="r" * 32,
+                    path="/products/laptop-123", target="/products/laptop-123",
+                )  # fmt: skip
                 await gw._resolve_session(ctx, [])
                 assert ctx.session is not None
                 gw.upstream_headers(ctx)

@@ -151,7 +151,10 @@ def build_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_core_ctx)
     # One catch-all handler: routing is the gateway's own (longest prefix, methods, host),
     # and aiohttp's router must not normalise or reject paths the backend should see.
-    app.router.add_route("*", "/{tail:.*}", _proxy)
+    # [\s\S], not ".": a path whose decoded form holds a newline (%0a) must reach the
+    # gateway's path check too. "*" and "http://host" (an empty path) are not reachable
+    # by any route and get aiohttp's 404; a middleware to catch them costs every request.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", _proxy)
     return app
 
 

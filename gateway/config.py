@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from .paths import route_path
+
 __all__ = [
     "ConfigError",
     "CookieSettings",
@@ -166,9 +168,8 @@ class RouteSettings(_Frozen):
     @field_validator("path")
     @classmethod
     def _path(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError("must start with /")
-        return v
+        # Requests are matched in canonical form (paths.py), so the prefix must be one.
+        return route_path(v)
 
     @field_validator("methods")
     @classmethod
@@ -243,6 +244,10 @@ class PathSettings(_Frozen):
     # ending in a dot or space, not only those that another reading would route
     # elsewhere.
     strict: bool = False
+    # Characters of a raw path (the query is not counted); longer is 414. Reading a
+    # path every way a backend might costs about 0.6 ms per KiB of a hostile one, so
+    # this bounds what one request can cost. IIS's default maxUrl is the same.
+    max_length: int = Field(4096, ge=64, le=65536)
 
 
 class ClientHeaderSettings(_Frozen):

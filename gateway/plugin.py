@@ -81,6 +81,12 @@ class RequestContext:
     request: web.Request
     route: RouteSettings
     request_id: str
+    # The canonical path (paths.py), which chose the route; read it, not request.path
+    # or request.raw_path, which hold the path as the client spelled it.
+    path: str
+    # What goes upstream: the canonical path plus the query exactly as sent ("?..."),
+    # or the path alone.
+    target: str
     # The client's address as the core decided it (trusted proxies applied; forwarded.py).
     client_address: str = ""
     session: Session | None = None

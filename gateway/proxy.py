@@ -38,12 +38,13 @@ from .headers import (
 from .instructions import collect, dropped
 from .limits import AddressHolds, TooMany
 from .logs import Throttle, request_id_var
+from .paths import PathError, split_target
 from .plugin import CartInstruction, Chain, Plugin, RequestContext, ResponseHead
 from .responses import text_response, unavailable
 from .routing import Router
 from .sessions import RESERVED_FIELDS, Session, SessionStore, valid_token
 from .signing import sign
-from .upstream import Upstream, upstream_target
+from .upstream import Upstream
 from .upstream_client import IDEMPOTENT, ConnectFailed, StreamsFull, UpstreamResponse
 from .websocket import is_websocket, proxy_websocket
 
@@ -71,9 +72,6 @@ _BODY_FAILURES = (aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError, Timeou
 SMALL_BODY = 64 * 1024  # read whole and sent with the headers; larger bodies stream
 MAX_PAGE = 512  # bytes of current_page kept per session
 _STARTED = web.RequestKey("gateway_response_started", web.StreamResponse)
-_PAGE_SAFE = "/:@!$&'()*+,;=-._~"
-# What quote() would leave unchanged: most paths, which then skip it.
-_PAGE_PLAIN = re.compile(f"[A-Za-z0-9{re.escape(_PAGE_SAFE)}]*")
 
 
 # Unique, not secret: a per-process random prefix and a counter cost no syscall per
@@ -101,7 +99,7 @@ class Gateway:
         self.chain = chain
         # WebSocket upgrades only; plain HTTP goes through the upstreams' pools.
         self.ws_client = ws_client
-        self.router = Router(settings.routes)
+        self.router = Router(settings.routes, settings.paths)
         self.upstreams = {n: Upstream(n, u) for n, u in settings.upstreams.items()}
         self.cookie = settings.session.cookie
         self._cookie_tail, self._cookie_expired = _cookie_strings(settings)
@@ -130,14 +128,21 @@ class Gateway:
         route: RouteSettings | None = None
         try:
             bad = self._malformed(request)
-            if bad:
+            if bad is not None:
+                self._refused(request, 400, bad)
                 resp: web.StreamResponse = text_response(400, f"bad request: {bad}")
             else:
-                route = self.router.match(request.path, request.method, request.host)
-                if route is None:
-                    resp = text_response(404, "no route")
+                try:
+                    raw_path, query = split_target(request.raw_path)
+                    path, route = self.router.resolve(raw_path, request.method, request.host)
+                except PathError as e:
+                    self._refused(request, e.status, f"request target: {e}")
+                    resp = text_response(e.status, f"bad request: {e}")
                 else:
-                    resp = await self._handle_route(request, route, rid)
+                    if route is None:
+                        resp = text_response(404, "no route")
+                    else:
+                        resp = await self._handle_route(request, route, rid, path, path + query)
         except web.HTTPException:
             raise
         except asyncio.CancelledError:
@@ -194,24 +199,19 @@ class Gateway:
         for name, value in h.items():
             if _BAD_VALUE.search(value) or _BAD_VALUE.search(name):
                 return "invalid header value"
-        path = request.path
-        if "/../" in path or path.endswith("/..") or "/./" in path or "\x00" in path:
-            return "dot segments in path"
-        # IIS reads "\\" as "/" and Tomcat drops ";params" from a segment, so "..\\" and
-        # "..;" are dot segments to them.
-        if "..\\" in path or "\\.." in path or "/..;" in path:
-            return "dot segments in path"
         return None
 
     # -- one route -----------------------------------------------------------------------
 
     async def _handle_route(
-        self, request: web.Request, route: RouteSettings, rid: str
+        self, request: web.Request, route: RouteSettings, rid: str, path: str, target: str
     ) -> web.StreamResponse:
         ctx = RequestContext(
             request=request,
             route=route,
             request_id=rid,
+            path=path,
+            target=target,
             client_address=self.proxies.client_address(request),
         )
         set_cookies: list[str] = []
@@ -240,7 +240,7 @@ class Gateway:
         try:
             body = await self._request_body(request, headers)
             with self.holds.hold(bucket(ctx.client_address)):
-                upstream_resp = await self._send(request, upstream, headers, body)
+                upstream_resp = await self._send(request, ctx.target, upstream, headers, body)
                 try:
                     return await self._respond(ctx, plugins, upstream_resp, set_cookies)
                 finally:
@@ -293,7 +293,7 @@ class Gateway:
                 "%d for %s %s from %s: %s%s",
                 status,
                 request.method,
-                request.path[:200],
+                repr(request.raw_path[:200]),
                 request.remote,
                 why,
                 f" ({more} more refusals not logged)" if more else "",
@@ -346,7 +346,7 @@ class Gateway:
         if stale and ctx.session is None and len(values) <= 1:
             set_cookies.append(self._expired_cookie())
         if ctx.session is None and route.session == "required":
-            return self._unauthenticated(request, route, set_cookies)
+            return self._unauthenticated(ctx, set_cookies)
         return None
 
     async def _load(
@@ -387,13 +387,12 @@ class Gateway:
                 i += n
         return session
 
-    def _unauthenticated(
-        self, request: web.Request, route: RouteSettings, set_cookies: list[str]
-    ) -> web.StreamResponse:
-        if route.login_url and request.method in ("GET", "HEAD"):
+    def _unauthenticated(self, ctx: RequestContext, set_cookies: list[str]) -> web.StreamResponse:
+        route = ctx.route
+        if route.login_url and ctx.request.method in ("GET", "HEAD"):
             # Only a same-site relative path goes into next: an absolute or
             # scheme-relative URL there would make the login page an open redirect.
-            nxt = request.raw_path
+            nxt = ctx.target
             if not nxt.startswith("/") or nxt.startswith("//") or "\\" in nxt:
                 nxt = "/"
             sep = "&" if "?" in route.login_url else "?"
@@ -438,9 +437,8 @@ class Gateway:
             # Last, over the headers exactly as they leave (also on session: none routes:
             # the backend learns the request came through the gateway, with no identity).
             key, name = self._signing
-            target = upstream_target(request)
             headers.popall(name, None)
-            headers.add(name, sign(key, request.method, target, headers, header=name))
+            headers.add(name, sign(key, request.method, ctx.target, headers, header=name))
         return headers
 
     def _session_headers(self, ctx: RequestContext, headers: CIMultiDict[str]) -> None:
@@ -471,11 +469,11 @@ class Gateway:
     async def _send(
         self,
         request: web.Request,
+        target: str,
         upstream: Upstream,
         headers: CIMultiDict[str],
         body: bytes | RequestBody | None,
     ) -> UpstreamResponse:
-        target = upstream_target(request)
         name = upstream.name
         last_error = ""
         for server in upstream.candidates():
@@ -676,13 +674,9 @@ class Gateway:
         # to the session it replaced.
         if s is None or not ctx.redis_ok or ctx.logged_in:
             return
-        # Percent-encoded ASCII: the decoded path may hold anything (lone surrogates
-        # from undecodable bytes under the pure-Python parser) and must not be able to
-        # break the activity flush for every other session.
-        path = ctx.request.path
-        if not _PAGE_PLAIN.fullmatch(path):
-            path = quote(path, safe=_PAGE_SAFE, errors="surrogateescape")
-        page = path[:MAX_PAGE]
+        # The canonical path is visible ASCII (the decoded one may hold lone surrogates
+        # that would break the activity flush for every other session).
+        page = ctx.path[:MAX_PAGE]
         self.activity.record(self.store.keys.session(s.key_id), page, s.deadline)
 
     def _completed(self, ctx: RequestContext, plugins: list[Plugin]) -> None:

@@ -1,19 +1,31 @@
-"""Route matching: longest path prefix wins; methods and host narrow a route."""
+"""Route matching: longest path prefix wins; methods and host narrow a route.
+
+The path matched is the canonical one (paths.py), and it is the path sent upstream.
+"""
 
 from __future__ import annotations
 
-from .config import RouteSettings
+from .config import PathSettings, RouteSettings
+from .paths import PathError, read, strict_refusal
 
 
 class Router:
-    def __init__(self, routes: tuple[RouteSettings, ...]) -> None:
+    def __init__(
+        self, routes: tuple[RouteSettings, ...], paths: PathSettings | None = None
+    ) -> None:
+        self._paths = paths or PathSettings()
+        self._fold = self._paths.case_insensitive
         # Stable sort keeps file order among equal prefixes, so the first listed wins.
-        self._routes = sorted(routes, key=lambda r: len(r.path), reverse=True)
+        ordered = sorted(routes, key=lambda r: len(r.path), reverse=True)
+        self._routes = [(r.path.lower() if self._fold else r.path, r) for r in ordered]
 
     def match(self, path: str, method: str, host: str | None) -> RouteSettings | None:
+        """The route for a canonical ``path`` (see :meth:`resolve` for a raw one)."""
+        if self._fold:
+            path = path.lower()
         hostname = (host or "").rsplit(":", 1)[0].lower() if host else ""
-        for r in self._routes:
-            if not path.startswith(r.path):
+        for prefix, r in self._routes:
+            if not path.startswith(prefix):
                 continue
             if r.methods is not None and method not in r.methods:
                 continue
@@ -21,3 +33,27 @@ class Router:
                 continue
             return r
         return None
+
+    def resolve(
+        self, raw_path: str, method: str, host: str | None
+    ) -> tuple[str, RouteSettings | None]:
+        """The canonical path of ``raw_path`` and its route.
+
+        SECURITY: raises PathError("ambiguous path") when another reading of the raw
+        path (decoded, ``\\`` as ``/``, ``;params`` or trailing dots dropped, another
+        case) would choose another route, because the backend behind the chosen route
+        may read it that way: ``/%2faccount/x`` must not reach the ``/`` route's backend
+        as a guest when that backend serves it as ``/account/x``.
+        """
+        if len(raw_path) > self._paths.max_length:
+            raise PathError(f"path longer than {self._paths.max_length} characters", 414)
+        path, others = read(raw_path, self._paths.merge_slashes, lower=not self._fold)
+        if self._paths.strict:
+            why = strict_refusal(path)
+            if why is not None:
+                raise PathError(why)
+        route = self.match(path, method, host)
+        for other in others:
+            if self.match(other, method, host) is not route:
+                raise PathError("ambiguous path")
+        return path, route

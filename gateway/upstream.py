@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Iterator
 
-from aiohttp import web
 from yarl import URL
 
 from . import metrics
@@ -74,19 +73,8 @@ class Upstream:
             pool.close()
 
 
-def upstream_target(request: web.Request) -> str:
-    """The request target sent upstream: the request's path and query, byte for byte.
-
-    SECURITY: always origin-form. An absolute-form target (``GET http://evil/ HTTP/1.1``)
-    is reduced to its path, so it can never pick the host the gateway connects to.
-    """
-    raw = request.raw_path
-    if not raw.startswith("/"):
-        raw = request.rel_url.raw_path_qs
-    return raw
-
-
-def upstream_url(server: URL, request: web.Request) -> URL:
-    """The server plus the request target, concatenated (never ``server.join(...)``,
-    which a path starting with ``//`` would turn into another host)."""
-    return URL(f"{server}{upstream_target(request)}", encoded=True)
+def upstream_url(server: URL, target: str) -> URL:
+    """The server plus the request target (``RequestContext.target``), concatenated
+    (never ``server.join(...)``, which a path starting with ``//`` would turn into
+    another host)."""
+    return URL(f"{server}{target}", encoded=True)

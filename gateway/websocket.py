@@ -44,7 +44,7 @@ async def proxy_websocket(gw: Gateway, ctx: RequestContext) -> web.StreamRespons
     ]
     upstream_ws: aiohttp.ClientWebSocketResponse | None = None
     for server in upstream.candidates():
-        url = upstream_url(server, request)
+        url = upstream_url(server, ctx.target)
         try:
             # The handshake is bounded like an upstream request (connect + read).
             async with asyncio.timeout(settings.connect_timeout + settings.read_timeout):

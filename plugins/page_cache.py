@@ -36,7 +36,7 @@ from redis.client import NEVER_DECODE
 from gateway.errors import REDIS_FAILURES
 from gateway.headers import normalized
 from gateway.plugin import Plugin, PluginConfig, RequestContext, ResponseHead
-from plugins.viewed_items import item_pattern
+from plugins.viewed_items import item_of, item_pattern
 
 log = logging.getLogger("plugins.page_cache")
 
@@ -173,14 +173,14 @@ class PageCache(Plugin):
 
     # -- which requests ------------------------------------------------------------------
 
-    def _on_path(self, req: web.Request) -> bool:
-        return req.method in ("GET", "HEAD") and any(
-            req.path.startswith(p) for p in self.config.paths
+    def _on_path(self, ctx: RequestContext) -> bool:
+        return ctx.request.method in ("GET", "HEAD") and any(
+            ctx.path.startswith(p) for p in self.config.paths
         )
 
     def _eligible(self, ctx: RequestContext) -> bool:
         req = ctx.request
-        if not self._on_path(req) or "Authorization" in req.headers:
+        if not self._on_path(ctx) or "Authorization" in req.headers:
             return False
         # SECURITY: an answer may only be shared if nothing outside the key shaped it. A
         # GET body, or a method override a framework honours (Rails, Laravel, Symfony
@@ -195,8 +195,8 @@ class PageCache(Plugin):
         if s is not None and s.authenticated and not self.config.cache_authenticated:
             return False
         if self.config.only_top:
-            m = self._item_re.fullmatch(req.path)
-            if m is None or m.group("item") not in self._top:
+            item = item_of(self._item_re, ctx.path)
+            if item is None or item not in self._top:
                 return False
         return True
 
@@ -212,7 +212,8 @@ class PageCache(Plugin):
         if not self._eligible(ctx):
             return None
         req = ctx.request
-        base = _sha(f"GET|{req.host}|{req.raw_path}")
+        # The canonical target, as sent upstream: every spelling of a URL shares one entry.
+        base = _sha(f"GET|{req.host}|{ctx.target}")
         st = State(base)
         ctx.state[STATE] = st
         names = self._vary.get(base)
@@ -288,7 +289,7 @@ class PageCache(Plugin):
     # -- response: decide, then collect the body -----------------------------------------
 
     async def response(self, ctx: RequestContext, head: ResponseHead) -> None:
-        if head.from_upstream and self._on_path(ctx.request):
+        if head.from_upstream and self._on_path(ctx):
             head.headers["X-Cache"] = "MISS"
         st = ctx.state.get(STATE)
         if not isinstance(st, State) or st.leader is None:

@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from typing import cast
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from aiohttp import web
 from prometheus_client import Counter
@@ -41,6 +41,21 @@ def item_pattern(pattern: str) -> re.Pattern[str]:
     if not sep or "{item}" in tail or not pattern.startswith("/"):
         raise ValueError("must start with / and contain {item} exactly once")
     return re.compile(re.escape(head) + r"(?P<item>[^/]{1,200})" + re.escape(tail))
+
+
+def item_of(pattern: re.Pattern[str], path: str) -> str | None:
+    """The item a canonical path (``ctx.path``) names under ``pattern``, percent-decoded,
+    or None. A segment that decodes to a slash, to something unprintable or to bytes
+    that are not UTF-8 names no item: it could not be told apart from another path, or
+    stored as a Redis member."""
+    m = pattern.fullmatch(path)
+    if m is None:
+        return None
+    try:
+        item = unquote(m.group("item"), errors="strict")
+    except UnicodeDecodeError:
+        return None
+    return item if item.isprintable() and "/" not in item else None
 
 
 class ViewedItemsConfig(PluginConfig):
@@ -84,15 +99,6 @@ class ViewedItems(Plugin):
             await self._task
         await self.flush()
 
-    def item_of(self, path: str) -> str | None:
-        m = self._re.fullmatch(path)
-        if m is None:
-            return None
-        item = m.group("item")
-        # Undecodable bytes (lone surrogates under the pure-Python parser) cannot be
-        # stored as Redis members: such a path names no item.
-        return item if item.isprintable() and _encodable(item) else None
-
     # -- request side -------------------------------------------------------------------
 
     def prefetch(self, ctx: RequestContext, key_id: str) -> tuple[tuple[str, ...], ...]:
@@ -123,7 +129,7 @@ class ViewedItems(Plugin):
     async def response(self, ctx: RequestContext, head: ResponseHead) -> None:
         if ctx.request.method != "GET" or head.status != 200:
             return
-        item = self.item_of(ctx.request.path)
+        item = item_of(self._re, ctx.path)
         if item is None:
             return
         s = ctx.session
@@ -209,10 +215,3 @@ class ViewedItems(Plugin):
             VIEWS.labels("lost").inc(sum(counts.values()))
             log.exception("viewed items flush failed; batch dropped")
 
-
-def _encodable(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

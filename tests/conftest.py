@@ -143,6 +143,8 @@ class Upstream:
     received: list[Recorded] = field(default_factory=list)
     routes: dict[str, Handler] = field(default_factory=dict)
     response_headers: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    # Added to every answer of the default handler (e.g. an instruction on every page).
+    default_headers: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -171,7 +173,7 @@ class Upstream:
         if handler is not None:
             return await handler(request)
         resp = web.Response(text=f"hello {request.path}")
-        for k, v in self.response_headers.get(request.path, []):
+        for k, v in [*self.default_headers, *self.response_headers.get(request.path, [])]:
             resp.headers.add(k, v)
         return resp
 

@@ -795,7 +795,6 @@ async def test_login_redirect_next_on_prefixed_route(
         "/static/..%2faccount/x",
         "/static/./../account/x",
         "/static/%2e/%2e%2e/account/x",
-        "/static/..",
     ],
 )
 async def test_dot_segments_cannot_bypass_required_route(

@@ -216,14 +216,25 @@ async def test_request_framing_towards_the_backend(
         assert status_of(raw) == 200
         assert seen[-1]["expect"] is None and seen[-1]["body"] == "hello"
         assert seen[-1]["content-length"] == "5"
-        # A chunked upload stays chunked.
+        # A small chunked upload is read whole first and goes with its length.
         raw = await raw_request(
             port,
             b"POST /static/c HTTP/1.1\r\nHost: shop\r\nTransfer-Encoding: chunked\r\n"
             b"Connection: close\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
         )
         assert status_of(raw) == 200
-        assert seen[-1]["transfer-encoding"] == "chunked" and seen[-1]["body"] == "abcde"
+        assert seen[-1]["transfer-encoding"] is None and seen[-1]["body"] == "abcde"
+        assert seen[-1]["content-length"] == "5"
+        # One larger than limits.buffer_body_bytes streams, and so stays chunked.
+        big = b"".join(b"1000\r\n" + b"q" * 4096 + b"\r\n" for _ in range(20))
+        raw = await raw_request(
+            port,
+            b"POST /static/c HTTP/1.1\r\nHost: shop\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n" + big + b"0\r\n\r\n",
+        )
+        assert status_of(raw) == 200
+        assert seen[-1]["transfer-encoding"] == "chunked"
+        assert seen[-1]["body"] == "q" * 4096 * 20
         # Host is the upstream server's, as a proxy_pass with a host:port would send it.
         assert seen[-1]["host"] == url.removeprefix("http://")
     finally:
