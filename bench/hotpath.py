@@ -1,8 +1,8 @@
 """`python -m bench.hotpath`: in-process CPU of the per-request session work on a hit.
 
 Times what a session request adds in the gateway process on a near-cache hit, without
-any I/O: resolving the session from the cookie (`Gateway._resolve_session`), building
-the upstream headers with the `X-Session-*` ones (`Gateway.upstream_headers`, which also
+any I/O: resolving the session from the cookie (`SessionResolver.resolve`), building
+the upstream headers with the `X-Session-*` ones (`UpstreamHeaders.build`, which also
 does the header copy every request makes) and recording the activity
 (`Gateway.record_activity`), over 1,000 cached sessions. Warm CPU caches and no other
 process: a lower bound of the real cost, for comparing two versions of that code
@@ -19,31 +19,35 @@ import time
 import aiohttp
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
-from redis.asyncio import Redis
 
 from bench import gateway_proc
-from gateway.activity import ActivityWriter
+from gateway.chain import Chain
 from gateway.config import parse_settings
-from gateway.nearcache import NearCache, TrackingLink
-from gateway.plugin import Chain, RequestContext
+from gateway.plugin import RequestContext
 from gateway.proxy import Gateway
-from gateway.sessions import Keys, SessionStore, new_token, public_id
+from gateway.redis import RedisLayer, open_redis
+from gateway.routing import RouteTable
+from gateway.sessions import new_token, public_id
+from gateway.sessions.layer import SessionLayer
 
 
 async def measure(rounds: int, per_round: int) -> list[float]:
     settings = parse_settings(gateway_proc.gateway_config(1, 1, 2))
-    redis = Redis(port=1)  # never contacted: every lookup below is a near-cache hit
-    cache = NearCache(settings.session.near_cache)
+    # Never contacted: every lookup below is a near-cache hit. The layer is built the way
+    # the gateway builds it (sessions/layer.py), and never started: the cache is turned
+    # on by hand and nothing goes to Redis.
+    redis: RedisLayer = await open_redis(settings)
+    chain = Chain([])
+    sessions = SessionLayer(settings, redis, chain)
+    cache = sessions.cache
+    assert cache is not None
     cache.enable()
     cache.max_age = 1e9
-    keys = Keys()
-    # Built, never started: the cache is on by hand and nothing goes to Redis.
-    link = TrackingLink("redis://127.0.0.1:1/0", "session:", cache, 0.5, 0.5)
-    activity = ActivityWriter(redis, settings.activity, settings.session.idle_ttl, "", link)
-    store = SessionStore(redis, settings.session, keys, 0.5, link, activity.overlay)
+    keys = sessions.keys
+    table = RouteTable(settings)
     async with aiohttp.ClientSession() as ws_client:
-        gw = Gateway(settings, store, activity, Chain([]), ws_client)
-        route = gw.router.match("/products/x", "GET", "h")
+        gw = Gateway(settings, table, sessions, chain, ws_client)
+        route = table.router.match("/products/x", "GET", "h")
         assert route is not None
         tokens = [new_token() for _ in range(1000)]
         now = f"{time.time():.3f}"
@@ -66,13 +70,14 @@ async def measure(rounds: int, per_round: int) -> list[float]:
                     request=requests[i % 1000], route=route, request_id="r" * 32,
                     path="/products/laptop-123", target="/products/laptop-123",
                 )  # fmt: skip
-                await gw._resolve_session(ctx, [])
+                await gw.resolver.resolve(ctx)
                 assert ctx.session is not None
-                gw.upstream_headers(ctx)
+                gw.outbound.build(ctx)
                 gw.record_activity(ctx)
             out.append((time.perf_counter() - started) / per_round * 1e6)
-            activity._pending.clear()
-        await redis.aclose()
+            sessions.activity._pending.clear()
+        table.close()
+        await redis.close()
     return out
 
 

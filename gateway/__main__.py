@@ -13,10 +13,11 @@ import sys
 from aiohttp import web
 
 from . import logs
-from .app import REDIS, build_admin_app, build_app, server_kwargs
+from .admin import build_admin_app
+from .app import RUNTIME, build_app, server_kwargs
+from .chain import validate_plugins
 from .config import ConfigError, Settings, load_settings, split_host_port
 from .errors import REDIS_FAILURES
-from .plugin import validate_plugins
 from .tls import listeners, server_context
 
 log = logging.getLogger("gateway")
@@ -54,7 +55,7 @@ async def serve(
     )
     await runner.setup()
     try:
-        await runner.app[REDIS].ping()
+        await runner.app[RUNTIME].redis.client.ping()
     except REDIS_FAILURES as e:
         log.warning("redis not reachable at start (%s); routes follow on_redis_error", e)
     names = []
@@ -68,7 +69,9 @@ async def serve(
     admin_runner: web.AppRunner | None = None
     # With several workers only the first serves /healthz and /metrics (its own counters).
     if settings.admin.listen and not worker:
-        admin_runner = web.AppRunner(build_admin_app(app), handle_signals=False, access_log=None)
+        admin_runner = web.AppRunner(
+            build_admin_app(app[RUNTIME]), handle_signals=False, access_log=None
+        )
         await admin_runner.setup()
         ahost, aport = split_host_port(settings.admin.listen)
         await web.TCPSite(admin_runner, ahost, aport).start()

@@ -38,7 +38,6 @@ __all__ = [
     "parse_settings",
 ]
 
-INSTRUCTIONS = ("login", "set", "logout", "cart")
 # RFC 3986 path and query characters (no backslash, space or control character).
 _LOGIN_URL_RE = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]*")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -155,7 +154,9 @@ class RouteSettings(_Frozen):
     session: Literal["none", "optional", "required"] = "optional"
     methods: tuple[str, ...] | None = None
     host: str | None = None
-    instructions: tuple[Literal["login", "set", "logout", "cart"], ...] = ()
+    # The backend instructions this route applies: the core's (login, set, logout) or a
+    # plugin's (cart); checked against the plugins when they load (chain.py).
+    instructions: tuple[str, ...] = ()
     guest: bool = False
     on_redis_error: Literal["open", "closed"] = "open"
     login_url: str | None = None
@@ -170,6 +171,14 @@ class RouteSettings(_Frozen):
     def _path(cls, v: str) -> str:
         # Requests are matched in canonical form (paths.py), so the prefix must be one.
         return route_path(v)
+
+    @field_validator("instructions")
+    @classmethod
+    def _instructions(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", name):
+                raise ValueError(f"{name!r} is not an instruction name")
+        return v
 
     @field_validator("methods")
     @classmethod

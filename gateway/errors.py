@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+
 from redis.exceptions import RedisError
+
+from . import metrics
+
+log = logging.getLogger("gateway.proxy")
+T = TypeVar("T")
 
 # A connection refused or reset surfaces as OSError, a slow server as TimeoutError
 # (from asyncio.timeout or the socket); everything else redis-py raises is a RedisError.
@@ -11,3 +21,18 @@ REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 
 class RedisUnavailable(Exception):
     """Redis did not answer within its timeout."""
+
+
+async def bounded(op: str, aw: Awaitable[T], limit: float | None) -> T:
+    """Await a Redis operation within ``limit`` seconds (None: the operation enforces
+    one itself), turning every failure into RedisUnavailable, logged and counted by
+    ``op``."""
+    try:
+        if limit is None:
+            return await aw
+        async with asyncio.timeout(limit):
+            return await aw
+    except REDIS_FAILURES as e:
+        metrics.REDIS_ERRORS.labels(op).inc()
+        log.warning("redis %s failed: %s: %s", op, type(e).__name__, e)
+        raise RedisUnavailable(op) from e

@@ -42,3 +42,9 @@ NEAR_CACHE_REFRESHES = Counter(
     "gateway_near_cache_refreshes_total",
     "Cached sessions renewed from the hash the activity flush brought back",
 )
+SESSION_EVENTS = Counter(
+    "gateway_sessions_total",
+    "Sessions created (guests and first logins), rotated (logins replacing a session), "
+    "logged out and revoked",
+    ["event"],
+)

@@ -24,7 +24,7 @@ import functools
 import re
 from collections.abc import Callable, Iterable, Iterator
 from string import ascii_letters, digits
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 __all__ = [
     "PathError",
@@ -326,3 +326,29 @@ def _visible(path: str) -> str:
 
 def _percent(m: re.Match[str]) -> str:
     return f"%{ord(m[0]):02X}"
+
+
+# -- item patterns (for plugins that read an item out of a path) ---------------------------
+
+
+def item_pattern(pattern: str) -> re.Pattern[str]:
+    """``/products/{item}`` → a regex whose group ``item`` is one path segment."""
+    head, sep, tail = pattern.partition("{item}")
+    if not sep or "{item}" in tail or not pattern.startswith("/"):
+        raise ValueError("must start with / and contain {item} exactly once")
+    return re.compile(re.escape(head) + r"(?P<item>[^/]{1,200})" + re.escape(tail))
+
+
+def item_of(pattern: re.Pattern[str], path: str) -> str | None:
+    """The item a canonical path (``ctx.path``) names under ``pattern``, percent-decoded,
+    or None. A segment that decodes to a slash, to something unprintable or to bytes
+    that are not UTF-8 names no item: it could not be told apart from another path, or
+    stored as a Redis member."""
+    m = pattern.fullmatch(path)
+    if m is None:
+        return None
+    try:
+        item = unquote(m.group("item"), errors="strict")
+    except UnicodeDecodeError:
+        return None
+    return item if item.isprintable() and "/" not in item else None

@@ -1,45 +1,38 @@
-"""The plugin chain.
+"""The plugin API: what a plugin is (:class:`Plugin`, :class:`PluginConfig`), what the
+core lends it (:class:`Services`) and what it sees of a request (:class:`RequestContext`,
+:class:`ResponseHead`). The chain that runs the hooks is chain.py.
 
 A plugin is one module in ``plugins/`` holding one subclass of :class:`Plugin` (or any
-``package.module:Class`` for third-party code). Each hook has a no-op default, so a
-plugin implements only the events it cares about; hooks run in the order of the
-``plugins:`` list. One instance per app: per-request state goes on ``ctx.state``.
+``package.module:Class`` for third-party code). Every hook has a pass-through default, so
+a plugin implements only the events it cares about; hooks run in the order of the
+``plugins:`` list. One instance per process: per-request state goes on ``ctx.state``.
 
 Fault policy: when a hook raises, the error is logged with the plugin's name and counted.
 ``fault_policy = "open"`` (the default) carries on as if the hook had returned None;
-``"closed"`` answers 503 for that request. Either way no unrelated request fails.
+``"closed"`` answers 503 for that request. Either way no unrelated request fails. The
+session lifecycle hooks (``session_created``, ``session_rotated``, ``sessions_deleted``)
+run outside any request too (an admin revoke): their failures are logged and counted,
+and never undo the change they report.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from aiohttp import web
 from multidict import CIMultiDict
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from . import metrics
-from .config import ConfigError, RouteSettings, Settings, _first_error
+from .config import RouteSettings, Settings
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    from .redis import Keys, RedisClient
+    from .redis.scripts import BoundScript
+    from .sessions import Session
 
-    from .activity import ActivityWriter
-    from .sessions import Keys, Session, SessionStore
-
-log = logging.getLogger("gateway.plugin")
-T = TypeVar("T")
-
-BUILTIN = {
-    "cart": "plugins.cart",
-    "viewed_items": "plugins.viewed_items",
-    "page_cache": "plugins.page_cache",
-    "rate_limit": "plugins.rate_limit",
-}
+Commands = tuple[tuple[str, ...], ...]
 
 
 class PluginConfig(BaseModel):
@@ -49,21 +42,15 @@ class PluginConfig(BaseModel):
 
 
 @dataclass(slots=True)
-class CartInstruction:
-    kind: Literal["add", "remove", "clear"]
-    params: dict[str, str]
-
-
-@dataclass(slots=True)
 class Services:
     """What the core lends to plugins."""
 
     settings: Settings
-    redis: Redis
+    redis: RedisClient
     keys: Keys
-    store: SessionStore
-    activity: ActivityWriter
     redis_timeout: float
+    # A Lua script on the same client: EVALSHA with the NOSCRIPT fallback (redis/scripts.py).
+    script: Callable[[str], BoundScript]
 
 
 @dataclass(slots=True)
@@ -104,6 +91,9 @@ class RequestContext:
     body_tap: Callable[[bytes | None], None] | None = None
     # Results of plugins' prefetch commands, by plugin name (see Plugin.prefetch).
     prefetched: dict[str, list[Any]] = field(default_factory=dict)
+    # Set-Cookie values this request decided on (a new session, an expiry); every
+    # answer, whoever makes it, carries them.
+    cookies: list[str] = field(default_factory=list)
 
 
 class Plugin:
@@ -112,6 +102,12 @@ class Plugin:
     name: ClassVar[str] = ""
     Config: ClassVar[type[PluginConfig]] = PluginConfig
     fault_policy: ClassVar[Literal["open", "closed"]] = "open"
+    # Backend instructions this plugin consumes: an ``instructions:`` entry a route may
+    # list, and the X-Session-* response headers it covers, e.g. ``{"cart":
+    # ("X-Session-Cart-Add", ...)}``. The core strips them from the response, applies the
+    # route's allow-list and hands the values to ``instruction``. Each of them stores
+    # something for the session: on a guest route a visitor without a session gets one.
+    instructions: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def __init__(self, config: Any, services: Services) -> None:
         self.config = config
@@ -123,17 +119,25 @@ class Plugin:
     async def shutdown(self) -> None:
         """Called once after the last request has finished."""
 
-    def prefetch(self, ctx: RequestContext, key_id: str) -> tuple[tuple[str, ...], ...]:
+    def prefetch(self, ctx: RequestContext, key_id: str) -> Commands:
         """Redis read commands about the session with this key id, sent in the same
         pipeline as the session lookup, so they cost no round trip of their own.
 
         Their results are in ``ctx.prefetched[self.name]`` when the request hook runs (an
         exception object in place of a command that failed). Absent when no lookup was
-        made (no cookie, a new guest, Redis down): the hook then reads for itself or goes
-        without. Must be cheap and without side effects: it runs before the session is
-        known to exist.
+        made (no cookie, Redis down): the hook then reads for itself or goes without.
+        Must be cheap and without side effects: it runs before the session is known to
+        exist.
         """
         return ()
+
+    async def find_session(self, ctx: RequestContext) -> Session | None:
+        """A session source after the gateway's own (the near-cache, then Redis) found
+        none for this request: return a session (already stored in Redis; put its cookie
+        on ``ctx.cookies``) or None. Sources are asked in the order of ``plugins:``; the
+        first session found wins. A read-through from another store (a legacy session
+        table) lives here. Not called when Redis failed for this request."""
+        return None
 
     async def request(self, ctx: RequestContext) -> web.StreamResponse | None:
         """Runs after the session is resolved, before the upstream is called.
@@ -145,6 +149,13 @@ class Plugin:
         """
         return None
 
+    async def instruction(self, ctx: RequestContext, values: dict[str, str]) -> None:
+        """The backend sent instructions this plugin declared (``instructions``) and the
+        route allows: ``values`` maps each header (lower-case) to its value, given once
+        (a header given twice is dropped by the core). ``ctx.session`` is the session
+        they apply to (a guest created for them, on a guest route); None when there is
+        none. Runs before the response hooks."""
+
     async def response(self, ctx: RequestContext, head: ResponseHead) -> None:
         """Runs when the status and headers are known, before the body is streamed.
         Change ``head.status`` or ``head.headers`` in place."""
@@ -153,109 +164,16 @@ class Plugin:
         """Runs after the response is finished, in a background task that the client
         never waits for. Exceptions are logged and counted."""
 
-    async def login(self, ctx: RequestContext, old: Session | None, new: Session) -> None:
-        """A login replaced ``old`` (or no session) with ``new``: move state keyed by the
-        session id (a guest cart, say). Runs before the response is sent; the new session
-        already exists, so an exception is logged and the login still succeeds."""
+    async def session_created(self, session: Session) -> None:
+        """A session was created without replacing one (a guest, a session imported by a
+        source)."""
 
-    async def logout(self, ctx: RequestContext, sessions: list[str]) -> None:
-        """These session key ids were deleted: by a logout (a logout everywhere calls this
-        once per step, up to 100 ids each), or by a login that ended its user's oldest
-        sessions beyond ``session.max_per_user``. Runs before the response is sent."""
+    async def session_rotated(self, old: Session | None, new: Session) -> None:
+        """A login replaced ``old`` (or no session) with ``new`` (a new token, always):
+        move state keyed by the session's key id (a guest cart, say). ``new`` exists
+        already and ``old`` is gone: a failure here is logged, the login stands."""
 
-    async def cart(self, ctx: RequestContext, instructions: list[CartInstruction]) -> None:
-        """The backend's X-Session-Cart-* instructions that this route allows, parsed."""
-
-
-@dataclass(slots=True)
-class Chain:
-    plugins: list[Plugin]
-    # By the plugins a route disables (all a route changes here): its plugins, and
-    # those of them that implement prefetch. Worked out once, not on every request.
-    _lists: dict[tuple[str, ...], tuple[list[Plugin], list[Plugin]]] = field(
-        default_factory=dict
-    )
-
-    def _for(self, route: RouteSettings) -> tuple[list[Plugin], list[Plugin]]:
-        got = self._lists.get(route.disable_plugins)
-        if got is None:
-            plugins = [p for p in self.plugins if p.name not in route.disable_plugins]
-            prefetch = [p for p in plugins if type(p).prefetch is not Plugin.prefetch]
-            got = self._lists[route.disable_plugins] = (plugins, prefetch)
-        return got
-
-    def for_route(self, route: RouteSettings) -> list[Plugin]:
-        return self._for(route)[0]
-
-    def prefetchers(self, route: RouteSettings) -> list[Plugin]:
-        """The route's plugins that read through the session pipeline."""
-        return self._for(route)[1]
-
-    async def guarded(
-        self, plugin: Plugin, hook: Callable[..., Awaitable[T]], *args: Any
-    ) -> tuple[bool, T | None]:
-        """Run one hook; (ok, result). ok is False when it raised and the plugin's policy
-        is closed."""
-        try:
-            return True, await hook(*args)
-        except Exception:
-            metrics.PLUGIN_ERRORS.labels(plugin.name).inc()
-            log.exception("plugin %s: %s hook raised", plugin.name, hook.__name__)
-            return plugin.fault_policy == "open", None
-
-
-def _resolve(name: str) -> type[Plugin]:
-    target = BUILTIN.get(name, name)
-    mod_name, _, attr = target.partition(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ConfigError(f"plugins.{name}: cannot import {mod_name!r} ({e})") from None
-    if attr:
-        cls = getattr(mod, attr, None)
-    else:
-        found = [
-            v
-            for v in vars(mod).values()
-            if isinstance(v, type)
-            and issubclass(v, Plugin)
-            and v is not Plugin
-            and v.__module__ == mod.__name__
-        ]
-        cls = found[0] if len(found) == 1 else None
-    if not (isinstance(cls, type) and issubclass(cls, Plugin)):
-        raise ConfigError(f"plugins.{name}: {target!r} does not name one Plugin subclass")
-    return cls
-
-
-def validate_plugins(settings: Settings) -> list[tuple[type[Plugin], PluginConfig]]:
-    """Import every configured plugin and validate its options (for --check and start)."""
-    out: list[tuple[type[Plugin], PluginConfig]] = []
-    seen: set[str] = set()
-    for i, (name, opts) in enumerate(settings.plugin_entries()):
-        if name in seen:
-            raise ConfigError(f"plugins[{i}]: {name} is listed twice")
-        seen.add(name)
-        cls = _resolve(name)
-        try:
-            cfg = cls.Config.model_validate(opts)
-        except ValidationError as e:
-            raise ConfigError(f"plugins[{i}].{name}.{_first_error(e)}") from None
-        out.append((cls, cfg))
-    known = seen
-    for i, r in enumerate(settings.routes):
-        for p in r.disable_plugins:
-            if p not in known:
-                raise ConfigError(f"routes[{i}].disable_plugins: {p!r} is not an enabled plugin")
-    return out
-
-
-def build_chain(settings: Settings, services: Services) -> Chain:
-    plugins: list[Plugin] = []
-    for (cls, cfg), (name, _) in zip(
-        validate_plugins(settings), settings.plugin_entries(), strict=True
-    ):
-        p = cls(cfg, services)
-        p.name = name  # type: ignore[misc]
-        plugins.append(p)
-    return Chain(plugins)
+    async def sessions_deleted(self, key_ids: list[str]) -> None:
+        """These sessions are gone from Redis (a logout, a logout everywhere step, an
+        admin revoke, a user's oldest sessions past ``session.max_per_user``): clean up
+        what is kept for them."""

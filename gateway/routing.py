@@ -1,12 +1,14 @@
-"""Route matching: longest path prefix wins; methods and host narrow a route.
+"""Route matching: longest path prefix wins; methods and host narrow a route. The route
+table: routes and upstreams together.
 
 The path matched is the canonical one (paths.py), and it is the path sent upstream.
 """
 
 from __future__ import annotations
 
-from .config import PathSettings, RouteSettings
+from .config import PathSettings, RouteSettings, Settings
 from .paths import PathError, read, strict_refusal
+from .upstream import Upstream
 
 
 class Router:
@@ -57,3 +59,17 @@ class Router:
             if self.match(other, method, host) is not route:
                 raise PathError("ambiguous path")
         return path, route
+
+
+class RouteTable:
+    """Routes and upstreams, held as one object so that a reload can swap both at once
+    (a request reads the table once, at its start, and keeps that one)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.router = Router(settings.routes, settings.paths)
+        self.upstreams = {n: Upstream(n, u) for n, u in settings.upstreams.items()}
+
+    def close(self) -> None:
+        """Close the upstreams' idle pooled connections."""
+        for u in self.upstreams.values():
+            u.close()

@@ -1,4 +1,5 @@
-"""Upstream server choice: round robin with passive ejection.
+"""Upstream servers: choice (round robin with passive ejection) and sending a request to
+the first that takes it, with the failure a client gets when none does.
 
 A server that refuses a connection is skipped for ``eject_seconds``; if every server is
 ejected the least recently ejected one is tried anyway, because refusing all traffic on
@@ -10,15 +11,28 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterable, Callable, Iterator
 
+import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict
 from yarl import URL
 
 from . import metrics
 from .config import UpstreamSettings
-from .upstream_client import Pool
+from .upstream_client import IDEMPOTENT, ConnectFailed, Pool, StreamsFull, UpstreamResponse
 
 log = logging.getLogger("gateway.upstream")
+
+
+class UpstreamFailure(Exception):
+    """No answer from the upstream: ``status`` and ``message`` go to the client."""
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = {"Retry-After": str(retry_after)} if retry_after else None
 
 
 class Upstream:
@@ -67,6 +81,66 @@ class Upstream:
         i = self.servers.index(server)
         if self._ejected_until[i]:
             self._ejected_until[i] = 0.0
+
+    async def send(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterable[bytes] | None,
+        *,
+        body_started: Callable[[], bool] = lambda: False,
+    ) -> UpstreamResponse:
+        """The request to the first server that takes it; UpstreamFailure (the status
+        and text for the client) when none does. ``body``: whole in memory, or a stream
+        (``body_started`` says whether it has been read from)."""
+        streamed = body is not None and not isinstance(body, bytes)
+        last_error = ""
+        for server in self.candidates():
+            try:
+                resp = await self.pools[server].request(method, target, headers, body)
+            except ConnectFailed as e:
+                # The connection was refused, so the request never left: the next
+                # server may take it, whatever the method, as long as no byte of a
+                # streamed body has been consumed (a small body is whole in memory).
+                self.eject(server)
+                metrics.UPSTREAM_ERRORS.labels("connect").inc()
+                last_error = str(e)
+                if not streamed or not body_started():
+                    continue
+                raise UpstreamFailure(502, "bad gateway: upstream refused the connection") from None
+            except StreamsFull:
+                metrics.UPSTREAM_ERRORS.labels("busy").inc()
+                raise UpstreamFailure(
+                    503, "service unavailable: too many uploads in progress", retry_after=5
+                ) from None
+            except TimeoutError:
+                # A connect or a wait for a free pooled connection (PoolTimeout), or no
+                # answer within read_timeout (aiohttp's SocketTimeoutError).
+                metrics.UPSTREAM_ERRORS.labels("timeout").inc()
+                raise UpstreamFailure(
+                    504, "gateway timeout: upstream did not answer in time"
+                ) from None
+            except (aiohttp.ServerDisconnectedError, OSError) as e:
+                # Sent, but the server dropped the connection without an answer. Only an
+                # idempotent request whose body (if any) is in memory may be tried again
+                # elsewhere.
+                metrics.UPSTREAM_ERRORS.labels("disconnect").inc()
+                last_error = str(e)
+                if method in IDEMPOTENT and not streamed:
+                    log.warning(
+                        "upstream %s %s dropped the connection; retrying", self.name, server
+                    )
+                    continue
+                raise UpstreamFailure(502, "bad gateway: upstream closed the connection") from None
+            except (aiohttp.ClientError, HttpProcessingError) as e:
+                metrics.UPSTREAM_ERRORS.labels("protocol").inc()
+                log.warning("upstream %s %s: %s: %s", self.name, server, type(e).__name__, e)
+                raise UpstreamFailure(502, "bad gateway: invalid upstream response") from None
+            self.restore(server)
+            return resp
+        log.warning("upstream %s: no server answered (%s)", self.name, last_error)
+        raise UpstreamFailure(502, "bad gateway: no upstream server answered")
 
     def close(self) -> None:
         for pool in self.pools.values():

@@ -17,6 +17,7 @@ from .upstream import upstream_url
 
 if TYPE_CHECKING:
     from .proxy import Gateway
+    from .routing import RouteTable
 
 
 def is_websocket(request: web.Request) -> bool:
@@ -26,15 +27,17 @@ def is_websocket(request: web.Request) -> bool:
     )
 
 
-async def proxy_websocket(gw: Gateway, ctx: RequestContext) -> web.StreamResponse:
+async def proxy_websocket(
+    gw: Gateway, ctx: RequestContext, table: RouteTable
+) -> web.StreamResponse:
     request = ctx.request
     # Check the client's handshake before opening anything upstream: a broken one must
     # not hold an upstream connection.
     if not web.WebSocketResponse().can_prepare(request).ok:
         return text_response(400, "bad request: invalid WebSocket handshake")
-    upstream = gw.upstreams[ctx.route.upstream]
-    settings = gw.settings.upstreams[ctx.route.upstream]
-    headers = gw.upstream_headers(ctx)
+    upstream = table.upstreams[ctx.route.upstream]
+    settings = upstream.settings
+    headers = gw.outbound.build(ctx)
     for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions"):
         headers.popall(h, None)
     protocols = [

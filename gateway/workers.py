@@ -15,22 +15,15 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
 from .config import Settings
+from .redis import start_embedded
 
 log = logging.getLogger("gateway.workers")
 
 
 async def _supervise(settings: Settings, argv: list[str], workers: int) -> int:
-    embedded = None
-    url = settings.redis.url
-    if url == "embedded":
-        from .embedded import EmbeddedRedis
-
-        embedded = EmbeddedRedis(Path(settings.redis.data_dir))
-        url = await embedded.start()
-        log.info("embedded redis-server started at %s", url)
+    url, embedded = await start_embedded(settings.redis)
     children: list[asyncio.subprocess.Process] = []
     codes: list[int] = []
     try:

@@ -22,13 +22,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 from aiohttp import web
 from prometheus_client import Counter
 from pydantic import Field
 
-from gateway.plugin import CartInstruction, Plugin, PluginConfig, RequestContext
+from gateway.headers import parse_params
+from gateway.instructions import dropped
+from gateway.plugin import Commands, Plugin, PluginConfig, RequestContext
 from gateway.sessions import Session
 
 log = logging.getLogger("plugins.cart")
@@ -229,6 +232,41 @@ return {tostring(qty), dropped}
 )
 
 
+@dataclass(slots=True)
+class CartInstruction:
+    kind: Literal["add", "remove", "clear"]
+    params: dict[str, str]
+
+
+# X-Session-Cart-<Kind>, in the order they are applied: clear, remove, add.
+_HEADERS: tuple[tuple[Literal["add", "remove", "clear"], str], ...] = (
+    ("clear", "x-session-cart-clear"),
+    ("remove", "x-session-cart-remove"),
+    ("add", "x-session-cart-add"),
+)
+
+
+def parse(values: dict[str, str]) -> list[CartInstruction]:
+    """The backend's cart headers as instructions, in the order they are applied;
+    malformed ones are dropped and counted."""
+    out: list[CartInstruction] = []
+    for kind, header in _HEADERS:
+        raw = values.get(header)
+        if raw is None:
+            continue
+        if kind == "clear":
+            params: dict[str, str] | None = (
+                {"clear": "1"} if raw.strip() in ("1", "true", "yes") else None
+            )
+        else:
+            params = parse_params(raw.strip())
+        if params is None:
+            dropped(header.removeprefix("x-session-"), "malformed")
+        else:
+            out.append(CartInstruction(kind, params))
+    return out
+
+
 class CartConfig(PluginConfig):
     ttl: int = Field(86400, gt=0, description="seconds a cart lives after its last change")
     max_items: int = Field(100, gt=0, le=1000, description="distinct skus per cart")
@@ -288,21 +326,27 @@ class Cart(Plugin):
     Config = CartConfig
     fault_policy = "open"
 
+    instructions = {
+        "cart": ("X-Session-Cart-Add", "X-Session-Cart-Remove", "X-Session-Cart-Clear")
+    }
+
     config: CartConfig
 
     async def startup(self) -> None:
-        r = self.services.redis
-        self._apply = r.register_script(_APPLY)
-        self._merge = r.register_script(_MERGE)
+        self._apply = self.services.script(_APPLY)
+        self._merge = self.services.script(_MERGE)
+
+    def _key(self, key_id: str) -> str:
+        return self.services.keys.of("cart", key_id)
 
     def _user_key(self, user_id: str) -> str:
-        return f"{self.services.keys.prefix}user_cart:{user_id}"
+        return self.services.keys.of_user("user_cart", user_id)
 
     # -- towards the backend ------------------------------------------------------------
 
-    def prefetch(self, ctx: RequestContext, key_id: str) -> tuple[tuple[str, ...], ...]:
+    def prefetch(self, ctx: RequestContext, key_id: str) -> Commands:
         # The cart rides along with the session lookup: no round trip of its own.
-        return (("HGETALL", self.services.keys.cart(key_id)),)
+        return (("HGETALL", self._key(key_id)),)
 
     async def request(self, ctx: RequestContext) -> web.StreamResponse | None:
         s = ctx.session
@@ -330,9 +374,10 @@ class Cart(Plugin):
 
     # -- from the backend -----------------------------------------------------------------
 
-    async def cart(self, ctx: RequestContext, instructions: list[CartInstruction]) -> None:
+    async def instruction(self, ctx: RequestContext, values: dict[str, str]) -> None:
         s = ctx.session
-        if s is None:
+        instructions = parse(values)
+        if s is None or not instructions:
             return
         args: list[str | int] = [self.config.ttl, self.config.max_items, self.config.user_cart_ttl]
         kinds: list[str] = []
@@ -346,7 +391,7 @@ class Cart(Plugin):
             kinds.append(ins.kind)
         if not kinds:
             return
-        keys = [self.services.keys.cart(s.key_id), self.services.keys.session(s.key_id)]
+        keys = [self._key(s.key_id), self.services.keys.session(s.key_id)]
         if self.config.persist_user_cart and s.user_id:
             keys.append(self._user_key(s.user_id))
         async with asyncio.timeout(self.services.redis_timeout):
@@ -356,7 +401,7 @@ class Cart(Plugin):
             if outcome != "applied":
                 log.warning("cart %s: %s", kind, outcome)
 
-    async def login(self, ctx: RequestContext, old: Session | None, new: Session) -> None:
+    async def session_rotated(self, old: Session | None, new: Session) -> None:
         uid = new.user_id or ""
         persist = self.config.persist_user_cart and bool(uid)
         # A guest cart (or this user's own, on a re-login) comes along; another user's
@@ -365,8 +410,8 @@ class Cart(Plugin):
         # The same user's session cart already contains their copy: adding it again
         # would double every quantity.
         take_user = persist and not (old is not None and old.user_id == uid)
-        new_key = self.services.keys.cart(new.key_id)
-        old_key = self.services.keys.cart(old.key_id) if old is not None else new_key
+        new_key = self._key(new.key_id)
+        old_key = self._key(old.key_id) if old is not None else new_key
         async with asyncio.timeout(self.services.redis_timeout):
             res = cast(
                 list[Any],
@@ -386,11 +431,10 @@ class Cart(Plugin):
             CART_INSTRUCTIONS.labels("merge", "cart-full").inc(int(res[1]))
             log.warning("cart merge at login dropped %s items (cart full)", res[1])
 
-    async def logout(self, ctx: RequestContext, sessions: list[str]) -> None:
+    async def sessions_deleted(self, key_ids: list[str]) -> None:
         # The user's copy stays: that is what brings the cart back at the next login.
-        if sessions:
-            async with asyncio.timeout(self.services.redis_timeout):
-                await self.services.redis.delete(*[self.services.keys.cart(k) for k in sessions])
+        async with asyncio.timeout(self.services.redis_timeout):
+            await self.services.redis.delete(*[self._key(k) for k in key_ids])
 
 
 def _bounded(entries: list[str], limit: int) -> tuple[str, bool]:

@@ -35,8 +35,8 @@ from redis.client import NEVER_DECODE
 
 from gateway.errors import REDIS_FAILURES
 from gateway.headers import normalized
+from gateway.paths import item_of, item_pattern
 from gateway.plugin import Plugin, PluginConfig, RequestContext, ResponseHead
-from plugins.viewed_items import item_of, item_pattern
 
 log = logging.getLogger("plugins.page_cache")
 
@@ -153,7 +153,7 @@ class PageCache(Plugin):
     config: PageCacheConfig
 
     async def startup(self) -> None:
-        self._prefix = f"{self.services.keys.prefix}pagecache:"
+        self._prefix = self.services.keys.named("pagecache:")
         self._cookie = self.services.settings.session.cookie.name
         self._vary: dict[str, tuple[str, ...]] = {}
         self._flights: dict[str, Flight] = {}
@@ -411,7 +411,7 @@ class PageCache(Plugin):
 
     async def _refresh_top(self) -> None:
         n = self.config.only_top or 0
-        key = f"{self.services.keys.prefix}{self.config.ranking_key}"
+        key = self.services.keys.named(self.config.ranking_key)
         try:
             async with asyncio.timeout(self.services.redis_timeout):
                 top: Any = await self.services.redis.zrevrange(key, 0, n - 1)

@@ -84,7 +84,7 @@ class RateLimit(Plugin):
     config: RateLimitConfig
 
     async def startup(self) -> None:
-        self._script = self.services.redis.register_script(_SLIDING_LOG)
+        self._script = self.services.script(_SLIDING_LOG)
         self._policy = f"{self.config.limit};w={_seconds(self.config.window)}"
         # Log members must be unique per request: not the X-Request-Id, which a client
         # may choose (repeating it would collapse entries and undercount).
@@ -97,10 +97,10 @@ class RateLimit(Plugin):
         # collect, and a client holding many would multiply its limit. Guests are
         # limited by address.
         if self.config.per == "session" and s is not None and s.authenticated:
-            return f"{self.services.keys.prefix}ratelimit:s:{s.id}"
+            return self.services.keys.named(f"ratelimit:s:{s.id}")
         # The core's answer to "who is the client" (trusted proxies applied); an IPv6
         # client is counted by its /64, which it typically owns whole.
-        return f"{self.services.keys.prefix}ratelimit:a:{bucket(ctx.client_address)}"
+        return self.services.keys.named(f"ratelimit:a:{bucket(ctx.client_address)}")
 
     async def request(self, ctx: RequestContext) -> web.StreamResponse | None:
         cfg = self.config

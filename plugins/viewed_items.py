@@ -17,45 +17,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from typing import cast
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from aiohttp import web
 from prometheus_client import Counter
 from pydantic import Field, field_validator
 
 from gateway.errors import REDIS_FAILURES
-from gateway.plugin import Plugin, PluginConfig, RequestContext, ResponseHead
+from gateway.paths import item_of, item_pattern
+from gateway.plugin import Commands, Plugin, PluginConfig, RequestContext, ResponseHead
 from gateway.sessions import Session
 
 log = logging.getLogger("plugins.viewed_items")
 
 VIEWS = Counter("gateway_viewed_items_total", "Item views by outcome", ["outcome"])
-
-
-def item_pattern(pattern: str) -> re.Pattern[str]:
-    """``/products/{item}`` → a regex whose group ``item`` is one path segment."""
-    head, sep, tail = pattern.partition("{item}")
-    if not sep or "{item}" in tail or not pattern.startswith("/"):
-        raise ValueError("must start with / and contain {item} exactly once")
-    return re.compile(re.escape(head) + r"(?P<item>[^/]{1,200})" + re.escape(tail))
-
-
-def item_of(pattern: re.Pattern[str], path: str) -> str | None:
-    """The item a canonical path (``ctx.path``) names under ``pattern``, percent-decoded,
-    or None. A segment that decodes to a slash, to something unprintable or to bytes
-    that are not UTF-8 names no item: it could not be told apart from another path, or
-    stored as a Redis member."""
-    m = pattern.fullmatch(path)
-    if m is None:
-        return None
-    try:
-        item = unquote(m.group("item"), errors="strict")
-    except UnicodeDecodeError:
-        return None
-    return item if item.isprintable() and "/" not in item else None
 
 
 class ViewedItemsConfig(PluginConfig):
@@ -84,7 +61,7 @@ class ViewedItems(Plugin):
 
     async def startup(self) -> None:
         self._re = item_pattern(self.config.pattern)
-        self._ranking = f"{self.services.keys.prefix}{self.config.ranking_key}"
+        self._ranking = self.services.keys.named(self.config.ranking_key)
         # viewed key -> item -> time, oldest first; item -> views
         self._views: dict[str, dict[str, float]] = {}
         self._counts: dict[str, int] = {}
@@ -101,11 +78,11 @@ class ViewedItems(Plugin):
 
     # -- request side -------------------------------------------------------------------
 
-    def prefetch(self, ctx: RequestContext, key_id: str) -> tuple[tuple[str, ...], ...]:
+    def prefetch(self, ctx: RequestContext, key_id: str) -> Commands:
         # The list rides along with the session lookup: no round trip of its own.
         if not self.config.header:
             return ()
-        key = self.services.keys.viewed(key_id)
+        key = self.services.keys.of("viewed", key_id)
         return (("ZREVRANGE", key, "0", str(self.config.keep - 1)),)
 
     async def request(self, ctx: RequestContext) -> web.StreamResponse | None:
@@ -121,7 +98,7 @@ class ViewedItems(Plugin):
                 return None
             items = cast(list[str], pre[0])
         # Views still in the buffer are newer than anything in Redis.
-        pending = list(self._views.get(self.services.keys.viewed(s.key_id), {}))[::-1]
+        pending = list(self._views.get(self.services.keys.of("viewed", s.key_id), {}))[::-1]
         merged = list(dict.fromkeys(pending + items))[: self.config.keep]
         ctx.session_headers["X-Session-Viewed"] = ",".join(quote(i, safe="") for i in merged)
         return None
@@ -133,7 +110,7 @@ class ViewedItems(Plugin):
         if item is None:
             return
         s = ctx.session
-        self.record(self.services.keys.viewed(s.key_id) if s is not None else None, item)
+        self.record(self.services.keys.of("viewed", s.key_id) if s is not None else None, item)
 
     def record(self, key: str | None, item: str) -> None:
         now = time.time()
@@ -156,10 +133,11 @@ class ViewedItems(Plugin):
 
     # -- moving with the session ----------------------------------------------------------
 
-    async def login(self, ctx: RequestContext, old: Session | None, new: Session) -> None:
+    async def session_rotated(self, old: Session | None, new: Session) -> None:
         if old is None or (old.authenticated and old.user_id != new.user_id):
             return
-        src, dst = self.services.keys.viewed(old.key_id), self.services.keys.viewed(new.key_id)
+        keys = self.services.keys
+        src, dst = keys.of("viewed", old.key_id), keys.of("viewed", new.key_id)
         buffered = self._views.pop(src, None)
         if buffered:
             self._views.setdefault(dst, {}).update(buffered)
@@ -171,8 +149,8 @@ class ViewedItems(Plugin):
                 pipe.expire(dst, self.config.ttl)
                 await pipe.execute()
 
-    async def logout(self, ctx: RequestContext, sessions: list[str]) -> None:
-        keys = [self.services.keys.viewed(k) for k in sessions]
+    async def sessions_deleted(self, key_ids: list[str]) -> None:
+        keys = [self.services.keys.of("viewed", k) for k in key_ids]
         for k in keys:
             self._views.pop(k, None)
         if keys:

@@ -14,11 +14,11 @@ import redis
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from gateway import activity, metrics
-from gateway.activity import ActivityWriter
-from gateway.app import ACTIVITY
+from gateway import metrics
+from gateway.app import RUNTIME
 from gateway.config import ActivitySettings
-from gateway.sessions import public_id
+from gateway.sessions import activity, public_id
+from gateway.sessions.activity import ActivityWriter
 
 from .conftest import (
     RedisServer,
@@ -47,7 +47,7 @@ async def test_activity_is_recorded_and_coalesced(
     for i in range(30):
         assert (await gw.get(f"/page/{i}")).status == 200
     key = _key(token)
-    assert await gw.server.app[ACTIVITY].flush()
+    assert await gw.server.app[RUNTIME].sessions.activity.flush()
     assert rdb.hget(key, "page_views") == "30"
     assert rdb.hget(key, "current_page") == "/page/29"
     assert float(rdb.hget(key, "last_activity") or 0) > time.time() - 10
@@ -132,7 +132,7 @@ async def test_unflushed_activity_is_unknown_once_its_batch_was_sent() -> None:
 
     def overlaid(key: str) -> dict[str, str] | None:
         fields = {"page_views": "10", "current_page": "/old"}
-        return fields if w.overlay(key, fields) else None
+        return fields if w.apply_unflushed(key, fields) else None
 
     assert overlaid("session:a") == {"page_views": "12", "current_page": "/2",
                                      "last_activity": ANY}  # fmt: skip
@@ -174,7 +174,7 @@ async def test_ambiguous_timeout_is_not_counted_twice(
     rdb.hset("session:b", mapping={"login_time": f"{time.time():.3f}", "page_views": "0"})
     r = aioredis.Redis(port=redis_server.port, socket_timeout=5)
     w = ActivityWriter(r, ActivitySettings(flush_timeout=0.3), idle_ttl=60)
-    await r.script_load(activity._SCRIPT)  # so the first EVALSHA is the one that stalls
+    await r.script_load(activity._SCRIPT.source)  # so the first EVALSHA is the one that stalls
     for _ in range(5):
         w.record("session:b", "/x", time.time() + 3600)
     sleeper = threading.Thread(
@@ -200,7 +200,7 @@ async def test_activity_never_resurrects_a_logged_out_session(
     # A request that resolved the session just before the logout records its activity
     # just after it (the logout itself discarded what was buffered): the flush must not
     # write it into a hash that is gone.
-    writer = gw.server.app[ACTIVITY]
+    writer = gw.server.app[RUNTIME].sessions.activity
     writer.record(_key(token), "/late", time.time() + 3600)
     assert await writer.flush()
     assert not rdb.exists(_key(token))
@@ -261,5 +261,5 @@ async def test_undecodable_path_cannot_stop_the_writer(
     )
     await gw.get("/after")
     await wait_for(lambda: rdb.hget(_key(token), "current_page") == "/after")
-    writer = gw.server.app[ACTIVITY]
+    writer = gw.server.app[RUNTIME].sessions.activity
     assert writer._task is not None and not writer._task.done()

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 from redis.exceptions import ResponseError
 
-from gateway.batching import BatchedReader
+from gateway.redis.batching import BatchedReader
 
 from .conftest import GatewayFactory, RedisServer, Upstream, login
 

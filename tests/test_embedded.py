@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.embedded import EmbeddedRedis, EmbeddedRedisError
+from gateway.redis.embedded import EmbeddedRedis, EmbeddedRedisError
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="redis-server is not installed"

@@ -13,7 +13,7 @@ import redis
 from aiohttp.test_utils import TestClient
 
 from gateway import metrics
-from gateway.app import ACTIVITY, GATEWAY
+from gateway.app import RUNTIME
 from gateway.sessions import public_id
 
 from .conftest import GatewayFactory, RedisServer, Upstream, base_config, login, wait_for
@@ -24,7 +24,7 @@ def hgetalls(rdb: redis.Redis) -> int:
 
 
 def _cache(client: TestClient) -> Any:
-    cache = client.server.app[GATEWAY].store.cache
+    cache = client.server.app[RUNTIME].sessions.cache
     assert cache is not None
     return cache
 
@@ -77,8 +77,8 @@ async def quiesce(gw: TestClient) -> None:
     """Flush by hand and wait for the link's own-write window to close: from here a
     change by another client reaches the cache only through Redis's push, and no call
     of ours is in flight."""
-    assert await gw.server.app[ACTIVITY].flush()
-    link = gw.server.app[GATEWAY].store.link
+    assert await gw.server.app[RUNTIME].sessions.activity.flush()
+    link = gw.server.app[RUNTIME].sessions.link
     await wait_for(lambda: not link._own and not link._pending)
 
 
@@ -94,7 +94,8 @@ async def flushed_by_hand(
     token = await login(gw, upstream, **fields)
     await page(gw, upstream, token, "/first")
     await quiesce(gw)
-    return gw, gw.server.app[ACTIVITY], _cache(gw), token, f"session:{public_id(token)}"
+    writer = gw.server.app[RUNTIME].sessions.activity
+    return gw, writer, _cache(gw), token, f"session:{public_id(token)}"
 
 
 async def test_repeat_requests_skip_the_session_read(
@@ -210,7 +211,7 @@ async def test_a_failed_send_on_the_link_falls_back_to_the_pool(
     gw, writer, cache, token, key = await flushed_by_hand(make_gateway, redis_server, upstream)
     views = int(rdb.hget(key, "page_views") or -1)
     await page(gw, upstream, token)
-    link = gw.server.app[GATEWAY].store.link
+    link = gw.server.app[RUNTIME].sessions.link
 
     async def reset(*args: Any, **kwargs: Any) -> None:
         raise ConnectionResetError("connection reset by peer")
@@ -353,7 +354,7 @@ async def test_renewal_works_on_a_redis_without_hrandfield(
         cfg["session"]["near_cache"] = {"max_age": 3600}
         cfg["activity"] = {"flush_interval": 5}
         gw = await cached_gateway(make_gateway, config=cfg)
-        writer = gw.server.app[ACTIVITY]
+        writer = gw.server.app[RUNTIME].sessions.activity
         cache = _cache(gw)
         rdb = old.client()
         tokens = []
@@ -409,7 +410,7 @@ async def test_disabled_reads_every_time(
     cfg = base_config(redis_server.url, upstream.url)
     cfg["session"]["near_cache"] = {"enabled": False}
     gw = await make_gateway(cfg)
-    assert gw.server.app[GATEWAY].store.cache is None
+    assert gw.server.app[RUNTIME].sessions.cache is None
     token = await login(gw, upstream)
     before = hgetalls(rdb)
     for _ in range(5):

@@ -583,7 +583,7 @@ async def test_guests_only_when_needed_and_capped_per_address(
         assert sid_cookies(resp) == []
     assert rdb.keys("session:*") == []
 
-    upstream.reply_headers("/shop/cart", ("X-Session-Cart-Add", "sku=a-1; qty=1; price=1.00"))
+    upstream.reply_headers("/shop/cart", ("X-Session-Set", "theme=dark"))
     created = []
     for _ in range(12):
         resp = await get_as(gw, "/shop/cart", None)

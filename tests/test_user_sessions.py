@@ -19,9 +19,10 @@ from redis.crc import key_slot
 
 from gateway import metrics
 from gateway.config import parse_settings
-from gateway.plugin import Plugin, PluginConfig, RequestContext
-from gateway.sessions import Keys, SessionStore
-from gateway.user_sessions import BATCH, SAMPLE
+from gateway.plugin import Plugin, PluginConfig
+from gateway.redis import Keys
+from gateway.sessions.store import SessionStore
+from gateway.sessions.users import BATCH, SAMPLE
 
 from .conftest import GatewayFactory, RedisServer, Upstream, base_config
 from .test_sessions import fresh_login, get_as, is_expiry, sid_cookies, sid_hash, skey
@@ -216,7 +217,7 @@ class FreezeRedis(Plugin):
 
     calls = 0
 
-    async def logout(self, ctx: RequestContext, sessions: list[str]) -> None:
+    async def sessions_deleted(self, key_ids: list[str]) -> None:
         FreezeRedis.calls += 1
         if FreezeRedis.calls == self.config.after:
             os.kill(self.config.pid, signal.SIGSTOP)
@@ -343,7 +344,7 @@ def test_index_names() -> None:
     # The index's name is contract; the ending set's is no index name of any user.
     assert plain.user_sessions("7") == "user_sessions:7"
     assert not plain.user_sessions_ending("a").startswith("user_sessions:")
-    assert tagged.user_sessions("7") == "app:user_sessions:{7}"
+    assert tagged.user_sessions("7") == "app:user_sessions:{u:7}"
     for uid in ("7", "a:b", "x{y", "p}q", "user_sessions:7"):
         # RENAMENX needs both in one slot under Redis Cluster.
         assert key_slot(tagged.user_sessions(uid).encode()) == key_slot(

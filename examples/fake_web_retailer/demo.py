@@ -35,7 +35,7 @@ import yaml
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from gateway.embedded import EmbeddedRedis, EmbeddedRedisError
+from gateway.redis.embedded import EmbeddedRedis, EmbeddedRedisError
 
 from .app import make_app
 from .views import STATE

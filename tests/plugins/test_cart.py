@@ -306,8 +306,8 @@ async def test_redis_down_omits_the_headers_and_serves(
 
 
 async def test_config_is_validated(redis_server: RedisServer, upstream: Upstream) -> None:
+    from gateway.chain import validate_plugins
     from gateway.config import ConfigError, parse_settings
-    from gateway.plugin import validate_plugins
 
     cfg = base_config(redis_server.url, upstream.url, plugins=["cart", {"cart": {}}])
     with pytest.raises(ConfigError, match=r"plugins\[1\]: cart is listed twice"):

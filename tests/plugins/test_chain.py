@@ -15,8 +15,9 @@ import yaml
 from aiohttp import web
 from prometheus_client import REGISTRY
 
+from gateway.chain import validate_plugins
 from gateway.config import ConfigError, parse_settings
-from gateway.plugin import Plugin, PluginConfig, RequestContext, ResponseHead, validate_plugins
+from gateway.plugin import Plugin, PluginConfig, RequestContext, ResponseHead
 
 from ..conftest import ROOT, GatewayFactory, RedisServer, Upstream, base_config, wait_for
 

@@ -20,14 +20,14 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, cast
 
-from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from . import metrics
-from .config import SessionSettings
+from .. import metrics
+from ..config import SessionSettings
+from ..redis.scripts import Script
 
 if TYPE_CHECKING:
-    from .sessions import Keys
+    from ..redis import Keys, RedisClient
 
 SAMPLE = 200  # members a login checks at most (2 x max_per_user when that is more)
 BATCH = 100  # sessions a logout-everywhere step ends
@@ -38,16 +38,19 @@ _WRITES = metrics.REDIS_COMMANDS.labels("session_write")
 # ARGV[1] = absolute_ttl. Returns 1 moved, 0 an ending set is there already (a logout
 # everywhere cut short, or one running now), -1 no user set. O(1): RENAMENX never
 # deletes a destination, and the set's members are not read.
-_MOVE = """
+_MOVE = Script(
+    """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('RENAMENX', KEYS[1], KEYS[2]) == 0 then return 0 end
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return 1
-"""
+""",
+    op="session_write",
+)
 
 
 class UserSessions:
-    def __init__(self, redis: Redis, keys: Keys, settings: SessionSettings) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, settings: SessionSettings) -> None:
         self.redis = redis
         self.keys = keys
         self.max_per_user = settings.max_per_user
@@ -119,8 +122,9 @@ class UserSessions:
         user_set = self.keys.user_sessions(user_id)
         ending = self.keys.user_sessions_ending(user_id)
         for _ in range(2):
-            _WRITES.inc()
-            moved = await self.redis.eval(_MOVE, 2, user_set, ending, self.absolute_ttl)
+            moved = await _MOVE.run(
+                self.redis.execute_command, [user_set, ending], [self.absolute_ttl]
+            )
             async for ids in self._drain(ending):
                 yield ids
             # Not moved because an ending set was there: it has just been ended, and

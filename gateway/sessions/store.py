@@ -1,139 +1,56 @@
-"""Sessions: tokens, Redis keys, and the reads and writes that are not activity.
-
-The cookie carries a random token; Redis keys use SHA-256 of it, so neither a Redis dump
-nor ``X-Session-Id`` hands out a live cookie (cf. Rack CVE-2019-16782).
-"""
+"""The session reads and writes that are not activity: load (near-cache, then Redis,
+with the plugins' prefetch reads in the same pipeline), create, login, update, logout."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import re
-import secrets
 import time
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any, cast
 
-from redis.asyncio import Redis
+from .. import metrics
+from ..config import SessionSettings
+from ..errors import REDIS_FAILURES
+from ..redis import Keys, RedisClient, public_id
+from ..redis.batching import BatchedReader, Command
+from ..redis.scripts import Script
+from .model import Session, new_token, ts
+from .nearcache import NearCache
+from .users import UserSessions
 
-from . import metrics
-from .batching import BatchedReader, Command
-from .config import SessionSettings
-from .errors import REDIS_FAILURES
-from .nearcache import NearCache, TrackingLink, ts
-from .user_sessions import UserSessions
+if TYPE_CHECKING:
+    from ..redis.tracking import TrackingLink
+    from .activity import ActivityWriter
 
 log = logging.getLogger("gateway.sessions")
 
 _WRITES = metrics.REDIS_COMMANDS.labels("session_write")
 _READS = metrics.REDIS_COMMANDS.labels("session_read")
-TOKEN_BYTES = 32  # 256 bits from secrets; the format check below knows its length
-TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
-# Fields the gateway owns: a backend's X-Session-Set cannot forge them (user_id changes
-# only through a login, which also rotates the token).
-RESERVED_FIELDS = frozenset(
-    {"user_id", "login_time", "last_activity", "current_page", "page_views", "id", "authenticated"}
-)
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(TOKEN_BYTES)
-
-
-def valid_token(token: str) -> bool:
-    return TOKEN_RE.fullmatch(token) is not None
-
-
-def public_id(token: str) -> str:
-    return hashlib.sha256(token.encode("ascii")).hexdigest()
-
-
-class Keys:
-    """Key names in one place. With ``hash_tags`` (Redis Cluster) a session and its cart
-    share a slot: ``session:{id}`` and ``cart:{id}``; so do a user's two index sets:
-    ``user_sessions:{uid}`` and ``user_sessions_ending:{uid}``."""
-
-    def __init__(self, prefix: str = "", *, raw_tokens: bool = False, hash_tags: bool = False):
-        self.prefix = prefix
-        self.raw_tokens = raw_tokens
-        self.hash_tags = hash_tags
-
-    def key_id(self, token: str) -> str:
-        return token if self.raw_tokens else public_id(token)
-
-    def _tag(self, key_id: str) -> str:
-        return f"{{{key_id}}}" if self.hash_tags else key_id
-
-    def session(self, key_id: str) -> str:
-        return f"{self.prefix}session:{self._tag(key_id)}"
-
-    def session_affixes(self) -> tuple[str, str]:
-        """(prefix, suffix) around a key id in a session key, for scripts that build
-        session keys from ids stored in an index."""
-        prefix, _, suffix = self.session("\x00").partition("\x00")
-        return prefix, suffix
-
-    def cart(self, key_id: str) -> str:
-        return f"{self.prefix}cart:{self._tag(key_id)}"
-
-    def viewed(self, key_id: str) -> str:
-        return f"{self.prefix}viewed:{self._tag(key_id)}"
-
-    def user_sessions(self, user_id: str) -> str:
-        return f"{self.prefix}user_sessions:{self._tag(user_id)}"
-
-    def user_sessions_ending(self, user_id: str) -> str:
-        """A logout everywhere's set being ended (user_sessions.py). Its family name is
-        no ``user_sessions:`` name for any user id (ids come from the backend and may
-        hold ``:``); under hash tags it shares the user set's slot, as RENAMENX needs."""
-        return f"{self.prefix}user_sessions_ending:{self._tag(user_id)}"
-
-    def guest_counter(self, bucket: str) -> str:
-        """Guests created from one client address this minute."""
-        return f"{self.prefix}gw:guests:{bucket}"
-
-
-@dataclass(slots=True)
-class Session:
-    token: str
-    key_id: str  # what goes into the Redis key names
-    id: str  # X-Session-Id: sha256 of the token, whatever the key layout
-    fields: dict[str, str]
-    deadline: float  # absolute expiry (epoch seconds)
-    new: bool = False  # a guest created by this request: it has no cart or history yet
-
-    @property
-    def authenticated(self) -> bool:
-        return bool(self.fields.get("user_id"))
-
-    @property
-    def user_id(self) -> str | None:
-        return self.fields.get("user_id") or None
 
 
 class SessionStore:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         settings: SessionSettings,
         keys: Keys,
         timeout: float = 0.5,
+        cache: NearCache | None = None,
         link: TrackingLink | None = None,
-        overlay: Callable[[str, dict[str, str]], bool] | None = None,
+        activity: ActivityWriter | None = None,
     ) -> None:
-        """``link``: the near-cache's, when it is on (the cache is its); ``overlay``:
-        ActivityWriter.overlay, for hashes read from Redis."""
+        """``cache`` and ``link``: the near-cache and its tracking link, when it is on;
+        ``activity``: the writer whose unflushed activity a hash read from Redis gets."""
         self.redis = redis
         self.settings = settings
         self.keys = keys
         self.timeout = timeout
         self.reader = BatchedReader(redis, timeout)
         self.users = UserSessions(redis, keys, settings)
+        self.cache = cache
         self.link = link
-        self.cache: NearCache | None = link.cache if link is not None else None
-        self.overlay = overlay
+        self.activity = activity
 
     def forget(self, *key_ids: str) -> None:
         """Drop sessions this process changed from the near-cache before answering (the
@@ -173,18 +90,15 @@ class SessionStore:
         )
 
     def _add_unflushed(self, key: str, fields: dict[str, str]) -> bool:
-        """Apply this process's activity not yet in Redis to a hash just read from it, as
-        the cached copies have it (``touch``), so that the session's page views never go
-        back between a cached and a read request. False when that cannot be done
-        (``ActivityWriter.overlay``): the hash is then not cached."""
-        return not fields or self.overlay is None or self.overlay(key, fields)
+        """A hash just read from Redis gets this process's activity not yet flushed, as
+        the cached copies have it, so the session's page views never go back between a
+        cached and a read request. False when that cannot be told: it is not cached."""
+        return not fields or self.activity is None or self.activity.apply_unflushed(key, fields)
 
-    async def prefetch_only(
-        self, key_id: str, prefetch: Callable[[str], tuple[Command, ...]]
-    ) -> list[Any]:
-        """The results of the commands ``prefetch(key_id)`` names, for a session the
+    async def prefetch_only(self, extra: tuple[Command, ...]) -> list[Any]:
+        """The results of the plugins' prefetch commands ``extra``, for a session the
         near-cache answered (they ride the tick's pipeline like any read)."""
-        return (await self.reader.hgetall(None, prefetch(key_id)))[1]
+        return (await self.reader.hgetall(None, extra))[1]
 
     def cached(self, token: str, key_id: str) -> tuple[bool, Session | None]:
         """(True, the session or None if it has expired) when the near-cache can answer
@@ -198,15 +112,11 @@ class SessionStore:
         return True, self.from_fields(token, fields, time.time(), key_id)
 
     async def load(
-        self,
-        token: str,
-        key_id: str,
-        prefetch: Callable[[str], tuple[Command, ...]] | None = None,
+        self, token: str, key_id: str, extra: tuple[Command, ...] = ()
     ) -> tuple[Session | None, list[Any]]:
         """The session read from Redis (``cached`` has missed), and the results of the
-        commands ``prefetch(key_id)`` names, read in the same pipeline. Within
+        plugins' prefetch commands ``extra``, read in the same pipeline. Within
         redis.timeout (the batch enforces it)."""
-        extra = prefetch(key_id) if prefetch is not None else ()
         key = self.keys.session(key_id)
         cache = self.cache
         if cache is not None and cache.enabled:
@@ -332,10 +242,26 @@ class SessionStore:
     async def update(self, session: Session, fields: dict[str, str]) -> None:
         key = self.keys.session(session.key_id)
         # Only an existing hash is updated: a Set racing a logout must not resurrect it.
-        _WRITES.inc()
-        await self.redis.eval(_HSET_IF_EXISTS, 1, key, *[x for kv in fields.items() for x in kv])
+        await _HSET_IF_EXISTS.run(
+            self.redis.execute_command, [key], [x for kv in fields.items() for x in kv]
+        )
         self.forget(session.key_id)
         session.fields.update(fields)
+
+    async def delete(self, key_id: str) -> bool:
+        """Delete one session by key id, and its place in its user's index; False when
+        it was gone already."""
+        key = self.keys.session(key_id)
+        _READS.inc()
+        uid = await self.redis.hget(key, "user_id")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            if uid:
+                pipe.srem(self.keys.user_sessions(str(uid)), key_id)
+            _WRITES.inc(len(pipe.command_stack))
+            res = await pipe.execute()
+        self.forget(key_id)
+        return bool(res[0])
 
     async def logout(self, session: Session, everywhere: bool) -> AsyncGenerator[list[str]]:
         """End this session, then (``everywhere``) every other one of its user, in steps
@@ -358,9 +284,12 @@ class SessionStore:
                 yield ids
 
 
-_HSET_IF_EXISTS = """
+_HSET_IF_EXISTS = Script(
+    """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return redis.call('HSET', KEYS[1], unpack(ARGV))
 end
 return -1
-"""
+""",
+    op="session_write",
+)

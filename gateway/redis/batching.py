@@ -12,7 +12,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from . import metrics
+from .. import metrics
 
 MAX_BATCH = 256
 _SENT = metrics.REDIS_COMMANDS.labels("session_read")

@@ -17,27 +17,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Container
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
 
-from . import metrics
-from .config import ActivitySettings
-from .errors import REDIS_FAILURES
-from .nearcache import LinkDown, TrackingLink, mirror, ts
+from .. import metrics
+from ..config import ActivitySettings
+from ..errors import REDIS_FAILURES
+from ..redis import Keys, RedisClient
+from ..redis.scripts import Execute, Script
+from ..redis.tracking import LinkDown, TrackingLink
+from .model import apply_activity, ts
+from .nearcache import NearCache
 
 log = logging.getLogger("gateway.activity")
 
-_SENT = metrics.REDIS_COMMANDS.labels("activity")
 # Sessions per script call: one call blocks Redis (and the reads queued behind it) for
 # its whole run, so a backlog goes out as several short calls, not one long one.
 BATCH = 200
@@ -52,7 +52,8 @@ BATCH = 200
 # for the near-cache. HRANDFIELD with a count above the hash's size returns every field,
 # like HGETALL; the gateway never sends it at top level, so in INFO commandstats HGETALL
 # still counts the gateway's own session reads and nothing else.
-_SCRIPT = """
+_SCRIPT = Script(
+    """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', 300) == false then return -1 end
 local idle = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
@@ -79,7 +80,9 @@ for i = 2, #KEYS do
   end
 end
 return out
-"""
+""",
+    op="activity",
+)
 
 
 @dataclass(slots=True)
@@ -101,33 +104,35 @@ class Batch:
 class ActivityWriter:
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         settings: ActivitySettings,
         idle_ttl: int,
-        key_prefix: str = "",
+        keys: Keys | None = None,
         link: TrackingLink | None = None,
+        cache: NearCache | None = None,
     ) -> None:
+        """``link`` and ``cache``: the near-cache's tracking link (writes made there don't
+        invalidate this process's cached sessions: NOLOOP) and the cache whose copies
+        each recorded request updates and each flush may renew."""
         self.redis = redis
         self.settings = settings
         self.idle_ttl = idle_ttl
-        self.key_prefix = key_prefix
+        self.keys = keys or Keys()
         self._pending: dict[str, Pending] = {}
         self._retry: list[Batch] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
-        self._sha = hashlib.sha1(_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis's id
-        # The near-cache's tracking connection, when it is up: writes made there don't
-        # invalidate this process's cached sessions (NOLOOP; nearcache.py).
         self.link = link
+        self.cache = cache
 
     # -- request side (synchronous, never blocks) --------------------------------------
 
     def record(self, key: str, page: str, deadline: float) -> None:
         now = time.time()
-        if self.link is not None:
+        if self.cache is not None:
             # The near-cache's copy says at once what the flush will write.
-            self.link.cache.touch(key, now, page)
+            self.cache.update(key, apply_activity, now, page, 1)
         p = self._pending.get(key)
         if p is not None:
             p.last_activity = now
@@ -138,7 +143,9 @@ class ActivityWriter:
             self._drop_oldest()
         self._pending[key] = Pending(now, page, 1, deadline)
 
-    def overlay(self, key: str, fields: dict[str, str], skip: Batch | None = None) -> bool:
+    def apply_unflushed(
+        self, key: str, fields: dict[str, str], skip: Batch | None = None
+    ) -> bool:
         """Mirror onto ``fields`` (a hash of session ``key`` read from Redis) this
         process's activity for it that Redis does not hold yet, oldest first, as the
         flush will apply it. False when that cannot be told (a batch holding it was
@@ -154,7 +161,7 @@ class ActivityWriter:
         p = self._pending.get(key)
         if p is not None:
             waiting.append(p)
-        return all(mirror(fields, w.last_activity, w.page, w.views) for w in waiting)
+        return all(apply_activity(fields, w.last_activity, w.page, w.views) for w in waiting)
 
     def pending_count(self) -> int:
         return len(self._pending) + sum(len(b.entries) for b in self._retry)
@@ -242,20 +249,17 @@ class ActivityWriter:
         return not self._pending
 
     async def _send(self, batch: Batch) -> None:
-        """EVALSHA directly rather than redis-py's Script helper, which adds a SCRIPT
-        EXISTS round trip to every pipeline."""
-        link = self.link
-        if link is not None and link.up and await self._send_on_link(link, batch):
-            return
+        link, cache = self.link, self.cache
+        if link is not None and cache is not None and link.up:
+            if await self._send_on_link(link, cache, batch):
+                return
         keys, args = self._encode(batch, ())
-        call = self.redis.execute_command
-        await self._eval(call, call, keys, args)
+        await _SCRIPT.run(self.redis.execute_command, keys, args)
 
-    async def _send_on_link(self, link: TrackingLink, batch: Batch) -> bool:
+    async def _send_on_link(self, link: TrackingLink, cache: NearCache, batch: Batch) -> bool:
         """The batch through the link, bringing back the hashes the near-cache wants
         renewed; False when the link went down first (then the pool takes the batch:
         Redis may have applied it, and the retry is then skipped by its id)."""
-        cache = link.cache
         # Reads like any other: a copy is stored only if no invalidation of its key
         # came in between (see NearCache.begin).
         began = {k: cache.begin(k) for k in batch.entries if cache.wants_refresh(k)}
@@ -264,11 +268,12 @@ class ActivityWriter:
             keys, args = self._encode(batch, began)
             own = frozenset(batch.entries)
             try:
-                reply = await self._eval(link.call, partial(link.call_own_write, own), keys, args)
+                write: Execute = partial(link.call_own_write, own)
+                reply = await _SCRIPT.run(write, keys, args, load=link.call)
             except LinkDown:
                 return False
             if isinstance(reply, list):
-                fresh = self._absorb(link, batch, keys[1:], reply)
+                fresh = self._absorb(cache, batch, keys[1:], reply)
             return True
         finally:
             for k, b in began.items():
@@ -276,12 +281,12 @@ class ActivityWriter:
                     metrics.NEAR_CACHE_REFRESHES.inc()
 
     def _absorb(
-        self, link: TrackingLink, batch: Batch, keys: list[str], reply: list[Any]
+        self, cache: NearCache, batch: Batch, keys: list[str], reply: list[Any]
     ) -> dict[str, dict[str, str]]:
         """The script's per-session replies: gone sessions are invalidated (their
         invalidations may be among those ignored as our own writes), returned hashes
-        become the cached copies, with the activity not yet in Redis mirrored on top, as
-        ``touch`` did for the copy they replace: batches still waiting behind this one
+        become the cached copies, with the activity not yet in Redis applied on top, as
+        ``record`` did to the copy they replace: batches still waiting behind this one
         (after a failed flush they can hold the same sessions), then what was recorded
         since the last flush began."""
         gone: list[str] = []
@@ -292,32 +297,15 @@ class ActivityWriter:
             elif isinstance(r, list):
                 fresh[key] = dict(zip(r[::2], r[1::2], strict=False))
         if gone:
-            link.cache.invalidate(gone)
-        for key in [k for k, f in fresh.items() if not self.overlay(k, f, skip=batch)]:
+            cache.invalidate(gone)
+        for key in [k for k, f in fresh.items() if not self.apply_unflushed(k, f, skip=batch)]:
             del fresh[key]
         return fresh
-
-    async def _eval(
-        self,
-        call: Callable[..., Awaitable[Any]],
-        write: Callable[..., Awaitable[Any]],
-        keys: list[str],
-        args: list[str | int | bytes],
-    ) -> Any:
-        _SENT.inc()
-        try:
-            return await write("EVALSHA", self._sha, len(keys), *keys, *args)
-        except NoScriptError:
-            # Redis restarted or was flushed: nothing ran, so loading and resending is
-            # safe.
-            await call("SCRIPT", "LOAD", _SCRIPT)
-            _SENT.inc()
-            return await write("EVALSHA", self._sha, len(keys), *keys, *args)
 
     def _encode(
         self, batch: Batch, refresh: Container[str]
     ) -> tuple[list[str], list[str | int | bytes]]:
-        keys = [f"{self.key_prefix}gw:activity:{batch.id}", *batch.entries]
+        keys = [self.keys.activity_batch(batch.id), *batch.entries]
         data = [
             [ts(p.last_activity), p.page, p.views, round(p.deadline, 3), int(k in refresh)]
             for k, p in batch.entries.items()
