@@ -16,8 +16,11 @@ from .app import REDIS, build_admin_app, build_app, server_kwargs
 from .config import ConfigError, Settings, load_settings, split_host_port
 from .errors import REDIS_FAILURES
 from .plugin import validate_plugins
+from .server import GatewayRunner
 
 log = logging.getLogger("gateway")
+
+ADMIN_KEEPALIVE = 5.0
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,8 +42,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 async def serve(settings: Settings, worker: int | None = None) -> None:
     app = build_app(settings)
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         app,
+        settings,
         handle_signals=False,
         # In-flight requests get this long after SIGTERM before they are cut.
         shutdown_timeout=settings.shutdown_timeout,
@@ -57,7 +61,13 @@ async def serve(settings: Settings, worker: int | None = None) -> None:
     admin_runner: web.AppRunner | None = None
     # With several workers only the first serves /healthz and /metrics (its own counters).
     if settings.admin.listen and not worker:
-        admin_runner = web.AppRunner(build_admin_app(app), handle_signals=False, access_log=None)
+        admin_runner = web.AppRunner(
+            build_admin_app(app),
+            handle_signals=False,
+            access_log=None,
+            # Scrapers reconnect; an idle admin connection need not live for aiohttp's hour.
+            keepalive_timeout=ADMIN_KEEPALIVE,
+        )
         await admin_runner.setup()
         ahost, aport = split_host_port(settings.admin.listen)
         await web.TCPSite(admin_runner, ahost, aport).start()

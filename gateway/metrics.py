@@ -38,3 +38,8 @@ NEAR_CACHE_REFRESHES = Counter(
     "gateway_near_cache_refreshes_total",
     "Cached sessions renewed from the hash the activity flush brought back",
 )
+CLIENT_REFUSALS = Counter(
+    "gateway_client_refusals_total",
+    "Client connections answered and closed by a protocol limit (limits.*)",
+    ["reason"],
+)

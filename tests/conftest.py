@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import build_app, server_kwargs
 from gateway.config import parse_settings
+from gateway.testing import GatewayTestServer
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -244,7 +245,7 @@ async def make_gateway(
     async def factory(config: dict[str, Any] | None = None, **over: Any) -> TestClient:
         cfg = config or base_config(redis_server.url, upstream.url, **over)
         settings = parse_settings(cfg)
-        server = TestServer(build_app(settings), host="127.0.0.1")
+        server = GatewayTestServer(build_app(settings), settings, host="127.0.0.1")
         # TestServer only applies handler options given to start_server.
         await server.start_server(**server_kwargs(settings))
         client = TestClient(server)
