@@ -20,6 +20,8 @@ why, and tests/test_server_internals.py fails if an aiohttp upgrade changes them
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import resource
 from typing import Any
@@ -35,9 +37,14 @@ log = logging.getLogger("gateway.server")
 HEAD_END = b"\r\n\r\n"
 CRLF = b"\r\n"
 # After a refusal the connection is half-closed and what the client still sends is read
-# and dropped for this long: closing with unread bytes makes the kernel send a reset,
-# which can destroy the answer before the client reads it.
+# and dropped, for this long and up to this many bytes: closing with unread bytes makes
+# the kernel send a reset, which can destroy the answer before the client reads it.
 LINGER = 1.0
+LINGER_BYTES = 65536
+# When open client connections fall to half of a peak of at least this many, the C heap
+# is trimmed (see _trim_heap).
+TRIM_MIN_PEAK = 256
+TRIM_DELAY = 1.0
 # Descriptors kept for everything but client connections: listening sockets, Redis
 # links, logs, the embedded Redis's pipes, a refused client's lingering socket.
 FD_RESERVE_EXTRA = 64
@@ -126,6 +133,7 @@ class GuardedHandler(web.RequestHandler):
     __slots__ = (
         "_body",
         "_body_left",
+        "_drained",
         "_framing",
         "_gloop",
         "_head_bytes",
@@ -158,31 +166,41 @@ class GuardedHandler(web.RequestHandler):
         self._body_left: int | None = None  # its bytes still to come (None: chunked)
         self._framing = 0  # chunked: bytes since the body last grew (sizes, trailers)
         self._held: bytes | None = None  # bytes after a head the parser holds back
-        self._linger: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None  # refused: closing soon
+        self._drained = 0  # bytes dropped since
 
     def data_received(self, data: bytes) -> None:
+        if self._linger is not None:
+            self._drained += len(data)
+            if self._drained > LINGER_BYTES:
+                self.force_close()
+            return
         if not _counting(self):
             super().data_received(data)
             return
         if _parsed(self) != self._seen:
             # aiohttp parsed on its own (the bytes after a declined upgrade).
             self._seen = _parsed(self)
-            self._adopt(True)
+            self._adopt()
         if self._held is not None:
             # aiohttp resumes (data is b"": reading is paused while we hold bytes).
-            self._adopt(self._feed(b""))  # a head the parser kept, if any
+            if self._feed(b""):  # a head the Python parser kept back, if any
+                self._adopt()
             if _queue_full(self):
                 self._held += data
                 return
             data, self._held = self._held + data, None
         if not data:
-            self._adopt(self._feed(b""))  # the parser resumes what it held back
+            if self._feed(b""):  # the parser resumes what it held back
+                self._adopt()
             return
         pos = 0
         while pos < len(data):
             if not _counting(self):
                 self._feed(data[pos:])  # after an upgrade: aiohttp keeps the rest
                 return
+            if self._body is not None and self._body_left is None and self._body.is_eof():
+                self._body = None  # a chunked body the parser finished on resuming
             if self._body is None:
                 pos = self._take_head(data, pos)
             elif self._body_left is None:
@@ -214,11 +232,15 @@ class GuardedHandler(web.RequestHandler):
         limit = self._limits.max_header_bytes
         if self._head_bytes == 0:
             # Empty lines before a request line are skipped by the parser (RFC 9112
-            # section 2.2) and cost nothing; the head starts after them.
+            # section 2.2) and cost nothing: the head starts after them. (They are still
+            # fed to it, in case it holds a head we did not see begin.)
+            start = pos
             while data.startswith(CRLF, pos):
                 pos += 2
-            if pos == len(data):
-                return pos
+            if pos > start:
+                self._feed(data[start:pos])
+                if pos == len(data) or not _counting(self):
+                    return pos
             self._head_started = self._gloop.time()
         room = limit - self._head_bytes
         end = self._head_end(data, pos, room)
@@ -237,11 +259,8 @@ class GuardedHandler(web.RequestHandler):
             self._refuse_too_large()
             return len(data)
         self._end_head()
-        if self._feed(data[pos:end]):
-            newest = _last_message(self)
-            if newest is not None and not isinstance(newest[0], RawRequestMessage):
-                return len(data)  # a parse error: aiohttp answers 400, drops the rest
-            self._adopt(True)
+        if self._feed(data[pos:end]) and not self._adopt():
+            return len(data)  # a parse error: aiohttp answers 400, drops the rest
         if _queue_full(self) and end < len(data):
             # As many pipelined requests queued as aiohttp allows: it has paused reading
             # until the handler task catches up, and the rest of this read waits here
@@ -283,7 +302,7 @@ class GuardedHandler(web.RequestHandler):
         with one, so does every head), less the body of a newer message."""
         body_bytes = 0
         if new:
-            self._adopt(True)
+            self._adopt()
             if self._body is not None:
                 return
             newest = _last_message(self)
@@ -300,24 +319,26 @@ class GuardedHandler(web.RequestHandler):
             if after > self._limits.max_header_bytes:
                 self._refuse_too_large()
 
-    def _adopt(self, parsed: bool) -> None:
-        """After the parser completed messages: is a body of the newest still coming?"""
-        if not parsed:
-            return
+    def _adopt(self) -> bool:
+        """After the parser completed messages: is a body of the newest still coming?
+        False if the newest is a parse error."""
         self._end_head()
         self._body = None
         self._framing = 0
         newest = _last_message(self)
         if newest is None:
-            return
+            return True
         msg, payload = newest
-        if not isinstance(msg, RawRequestMessage) or payload.is_eof():
-            return
+        if not isinstance(msg, RawRequestMessage):
+            return False
+        if payload.is_eof():
+            return True
         self._body = payload
         length = msg.headers.get(hdrs.CONTENT_LENGTH)
         self._body_left = (
             None if msg.chunked or length is None else int(length) - payload.total_bytes
         )
+        return True
 
     def _start_head_timer(self) -> None:
         if self._head_timer is None:
@@ -355,6 +376,7 @@ class GuardedHandler(web.RequestHandler):
         log.info("client %s: %s; connection closed", _peer(self.peername), detail)
         self._end_head()
         self._body = self._held = None
+        self._framing = 0
         transport = self.transport
         if transport is None:
             return
@@ -372,6 +394,7 @@ class GuardedHandler(web.RequestHandler):
         if transport.can_write_eof():
             transport.write_eof()
         self._linger = self._gloop.call_later(LINGER, self.force_close)
+        # (eof_received then closes as soon as the client closes its side.)
 
 
 def _peer(peer: object) -> str:
@@ -382,16 +405,19 @@ def _peer(peer: object) -> str:
 
 class _Busy(asyncio.Protocol):
     """A connection past max_connections: one canned 503, then closed. No request
-    handler, no task, nothing parsed; what the client sends is dropped."""
+    handler, no task, nothing parsed; what the client sends is dropped (LINGER)."""
 
-    __slots__ = ("_loop", "_timer")
+    __slots__ = ("_drained", "_loop", "_timer", "_transport")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._timer: asyncio.TimerHandle | None = None
+        self._transport: asyncio.Transport | None = None
+        self._drained = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
         transport.write(BUSY_503)
         if transport.can_write_eof():
             transport.write_eof()
@@ -399,7 +425,9 @@ class _Busy(asyncio.Protocol):
         self._timer = self._loop.call_later(LINGER, transport.abort)
 
     def data_received(self, data: bytes) -> None:
-        pass
+        self._drained += len(data)
+        if self._drained > LINGER_BYTES and self._transport is not None:
+            self._transport.abort()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._timer is not None:
@@ -432,6 +460,8 @@ class GuardedServer(web.Server):
         self._handler_options = kwargs
         self.max_connections = max_connections
         self.open_connections = 0
+        self._peak = 0  # most open connections since the heap was last trimmed
+        self._trim: asyncio.TimerHandle | None = None
         self._refusing = False
 
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
@@ -454,13 +484,47 @@ class GuardedServer(web.Server):
 
     def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
         self.open_connections += 1
+        self._peak = max(self._peak, self.open_connections)
         super().connection_made(handler, transport)
 
     def connection_lost(
         self, handler: web.RequestHandler, exc: BaseException | None = None
     ) -> None:
         self.open_connections -= 1
+        if (
+            self._trim is None
+            and self._peak >= TRIM_MIN_PEAK
+            and self.open_connections <= self._peak // 2
+        ):
+            # Once, shortly after the burst is over (its connections close together).
+            self._trim = self._gloop.call_later(TRIM_DELAY, self._after_burst)
         super().connection_lost(handler, exc)
+
+    def _after_burst(self) -> None:
+        self._trim = None
+        self._peak = self.open_connections
+        _trim_heap()
+
+
+def _load_malloc_trim() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system. After a burst of connections
+    closes, glibc keeps what their buffers and parsers freed (1,000 connections holding
+    a 64 KiB head each left ~100 MiB behind); it would be reused, but until then it
+    counts as the process's memory. Takes some tens of ms per GiB, so it runs only
+    after such a drop."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def raise_fd_limit() -> int:
