@@ -24,7 +24,7 @@ import ctypes
 import ctypes.util
 import logging
 import resource
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import StreamReader, hdrs, web
 from aiohttp.http import RawRequestMessage
@@ -416,7 +416,7 @@ class _Busy(asyncio.Protocol):
         self._drained = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._transport = transport
         transport.write(BUSY_503)
         if transport.can_write_eof():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -299,12 +300,17 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def limit_files(n: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
 @pytest.fixture
 def gateway_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], GatewayProcess]]:
-    """Start ``python -m gateway`` as a real process (for signals and exit codes)."""
+    """Start ``python -m gateway`` as a real process (for signals and exit codes);
+    ``nofile`` sets its open-file limit (soft and hard)."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(cfg: dict[str, Any]) -> GatewayProcess:
+    def start(cfg: dict[str, Any], nofile: int | None = None) -> GatewayProcess:
         port, admin = free_port(), free_port()
         cfg = {**cfg, "listen": f"127.0.0.1:{port}", "admin": {"listen": f"127.0.0.1:{admin}"}}
         path = Path(tempfile.mkstemp(suffix=".yaml", dir=tmp_path)[1])
@@ -316,6 +322,7 @@ def gateway_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Gatew
             stdout=log_path.open("wb"),
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=None if nofile is None else lambda: limit_files(nofile),
         )
         procs.append(proc)
         deadline = time.monotonic() + 15

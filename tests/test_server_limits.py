@@ -8,6 +8,8 @@ aiohttp's HTTP parsers. Limits are small so every test is quick.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.config import parse_settings
+from gateway.server import connection_cap, raise_fd_limit
 from tests.conftest import GatewayFactory, RedisServer, Upstream, base_config, status_of
 
 pytestmark = pytest.mark.security
@@ -378,6 +382,96 @@ async def test_connections_past_the_cap_get_503(make_gateway: GatewayFactory) ->
         conn.close()
 
 
+def test_connection_cap_leaves_descriptors_for_upstreams_and_redis() -> None:
+    settings = parse_settings(
+        base_config(
+            "redis://127.0.0.1:1/0",
+            "http://127.0.0.1:2",
+            redis={"url": "redis://127.0.0.1:1/0", "max_connections": 10},
+            upstreams={
+                "a": {
+                    "servers": ["http://127.0.0.1:2", "http://127.0.0.1:3"],
+                    "max_connections": 50,
+                },
+                "b": {"servers": ["http://127.0.0.1:4"], "max_connections": 20},
+            },
+            routes=[{"path": "/", "upstream": "a"}],
+        )
+    )
+    # Reserve: 2 x 50 + 20 upstream, 10 Redis, 64 more.
+    assert connection_cap(settings, 20_000) == 10_000  # limits.max_connections
+    assert connection_cap(settings, 1_000) == 1_000 - 194
+    assert connection_cap(settings, 100) == 1
+
+
+def test_fd_limit_is_raised_to_the_hard_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, hard - 1), hard))
+    try:
+        assert raise_fd_limit() == hard == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.slow
+async def test_at_the_file_limit_new_clients_get_503_and_old_ones_are_served(
+    gateway_process: Any, redis_server: RedisServer, upstream: Upstream
+) -> None:
+    """With 200 descriptors and 8 pooled upstream and Redis connections the cap is
+    200 - (4 + 4 + 64) = 128, not the configured 10,000: the clients past it get 503,
+    not a connection that is never accepted, and the gateway can still open upstream
+    and Redis connections for those it serves."""
+    cfg = base_config(redis_server.url, upstream.url, limits={"keepalive_timeout": 30.0})
+    cfg["upstreams"]["app"]["max_connections"] = 4
+    cfg["redis"]["max_connections"] = 4
+    gw = await asyncio.to_thread(gateway_process, cfg, 200)
+    assert "client connections capped at 128" in gw.log()
+    held = []
+    try:
+        for _ in range(128):
+            conn = await Conn.open(gw.port)
+            held.append(conn)
+            await conn.send(get())
+            assert (await conn.response())[0] == 200
+        for _ in range(80):
+            conn = await Conn.open(gw.port)
+            await conn.send(get())
+            raw = await conn.until_closed(timeout=3)
+            conn.close()
+            assert status_of(raw) == 503
+        for conn in held[:8]:  # sessions need Redis, new upstream connections a descriptor
+            await conn.send(get("/account/x"))
+            assert (await conn.response())[0] == 401
+            await conn.send(get("/x", extra=b"Cookie: sid=%s\r\n" % (b"a" * 43)))
+            assert (await conn.response())[0] == 200
+    finally:
+        for conn in held:
+            conn.close()
+    assert "Too many open files" not in gw.log() and "Traceback" not in gw.log()
+
+
+@pytest.mark.slow
+async def test_slowloris_against_a_gateway_process(
+    gateway_process: Any, redis_server: RedisServer, upstream: Upstream
+) -> None:
+    """The same deadline under uvloop, which the gateway process runs on."""
+    cfg = base_config(redis_server.url, upstream.url, limits=LIMITS)
+    gw = await asyncio.to_thread(gateway_process, cfg)
+    conn = await Conn.open(gw.port)
+    answer = asyncio.create_task(conn.until_closed(timeout=5))
+    with contextlib.suppress(ConnectionError):
+        for b in b"GET /static/x HTTP/1.1\r\nHost: gw\r\nX-Slow: " + b"a" * 100:
+            if answer.done():
+                break
+            await conn.send(bytes([b]))
+            await asyncio.sleep(0.2)
+    raw = await answer
+    conn.close()
+    assert status_of(raw) == 408
+    assert "request head not complete within 1s" in gw.log()
+    assert "Traceback" not in gw.log()
+
+
 # --- memory, in a real gateway process ------------------------------------------------
 
 
@@ -415,7 +509,8 @@ async def test_header_flood_memory_stays_bounded(
     gateway_process: Any, redis_server: RedisServer, upstream: Upstream
 ) -> None:
     limits = {"max_header_bytes": 65536, "header_timeout": 5.0, "keepalive_timeout": 10.0}
-    gw = gateway_process(base_config(redis_server.url, upstream.url, limits=limits))
+    cfg = base_config(redis_server.url, upstream.url, limits=limits)
+    gw = await asyncio.to_thread(gateway_process, cfg)
     url = f"http://127.0.0.1:{gw.port}/static/normal"
     async with aiohttp.ClientSession() as s:
         for _ in range(20):
@@ -469,7 +564,8 @@ async def test_memory_of_held_heads_is_returned_after_they_close(
     """Heads under the limit are held while their connections are open; once a burst of
     them closes, the process gives the memory back (glibc alone keeps most of it)."""
     limits = {"max_header_bytes": 65536, "header_timeout": 30.0, "keepalive_timeout": 30.0}
-    gw = gateway_process(base_config(redis_server.url, upstream.url, limits=limits))
+    cfg = base_config(redis_server.url, upstream.url, limits=limits)
+    gw = await asyncio.to_thread(gateway_process, cfg)
     before = rss_mib(gw.proc.pid)
     conns = []
     line = b"X-Fill: " + b"h" * 15000 + b"\r\n"
