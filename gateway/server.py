@@ -241,7 +241,6 @@ class GuardedHandler(web.RequestHandler):
                 self._feed(data[start:pos])
                 if pos == len(data) or not _counting(self):
                     return pos
-            self._head_started = self._gloop.time()
         room = limit - self._head_bytes
         end = self._head_end(data, pos, room)
         if end < 0:
@@ -249,6 +248,8 @@ class GuardedHandler(web.RequestHandler):
             if n > room:
                 self._refuse_too_large()
                 return len(data)
+            if self._head_bytes == 0:  # its first byte came with this read
+                self._head_started = self._gloop.time()
             self._head_bytes += n
             self._head_last = (self._head_last + data[max(pos, len(data) - 3) :])[-3:]
             # Only a head that spans reads needs a deadline (most arrive in one).
@@ -272,7 +273,7 @@ class GuardedHandler(web.RequestHandler):
     def _head_end(self, data: bytes, pos: int, room: int) -> int:
         """Index just past the blank line ending the head, if within ``room`` bytes."""
         last = self._head_last
-        for k in range(min(3, len(last)), 0, -1):
+        for k in range(len(last), 0, -1):
             if last[-k:] + data[pos : pos + 4 - k] == HEAD_END:
                 return pos + 4 - k
         i = data.find(HEAD_END, pos, pos + room)

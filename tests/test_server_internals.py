@@ -163,3 +163,22 @@ async def test_the_guarded_server_is_what_the_runner_serves() -> None:
         assert isinstance(h, server.GuardedHandler) and h.keepalive_timeout == 7.5
     finally:
         await runner.cleanup()
+
+
+async def test_pipelined_heads_past_the_queue_limit_are_held_not_parsed() -> None:
+    """GuardedHandler feeds no further heads once aiohttp's queue is full (fed head by
+    head, the C parser would otherwise parse every request of the read)."""
+    from gateway.config import LimitsSettings
+
+    loop = asyncio.get_running_loop()
+    manager = web.Server(ok)
+    ours, theirs = socket.socketpair()
+    h = server.GuardedHandler(manager, loop=loop, limits=LimitsSettings())
+    await loop.connect_accepted_socket(lambda: h, ours)
+    try:
+        h.data_received(b"".join(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(100)))
+        assert len(h._messages) == h._max_msg_queue_size
+        assert h._held is not None and h._held.startswith(b"GET /32 ")
+    finally:
+        h.force_close()
+        theirs.close()

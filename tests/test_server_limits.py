@@ -130,15 +130,18 @@ async def test_head_completed_in_time_is_served(make_gateway: GatewayFactory) ->
     not per byte), and each request on a keep-alive connection gets a fresh deadline."""
     port = await gateway_port(make_gateway)
     conn = await Conn.open(port)
+    started = time.monotonic()
     for _ in range(2):
         request = get()
-        for i in range(0, len(request), len(request) // 3 + 1):
-            await conn.send(request[i : i + len(request) // 3 + 1])
-            await asyncio.sleep(0.25)
+        step = len(request) // 4 + 1
+        for i in range(0, len(request), step):  # four pieces, 0.6 s per head
+            await conn.send(request[i : i + step])
+            await asyncio.sleep(0.2)
         status, _ = await conn.response()
         assert status == 200
-        await asyncio.sleep(0.7)  # the two heads together take longer than 1 s
     conn.close()
+    # The second head was still arriving when the first one's deadline passed.
+    assert time.monotonic() - started > 1.1
 
 
 # --- head size ---------------------------------------------------------------------------
@@ -291,6 +294,11 @@ async def test_oversized_head_behind_many_pipelined_requests_is_refused(
     raw = await conn.until_closed(timeout=10)
     conn.close()
     assert 0 < raw.count(b"HTTP/1.1 200") <= 40
+    # Responses to earlier requests were in progress: no 431 is written among them,
+    # each one that was sent is whole, and then the connection is closed.
+    assert b"431" not in raw
+    assert raw.count(b"HTTP/1.1 200") == raw.count(b"hello /static/")
+    assert raw.endswith(b"hello /static/%d" % (raw.count(b"HTTP/1.1 200") - 1))
     assert "/static/big" not in [r.raw_path for r in upstream.received]
 
 
@@ -569,7 +577,7 @@ async def test_memory_of_held_heads_is_returned_after_they_close(
     before = rss_mib(gw.proc.pid)
     conns = []
     line = b"X-Fill: " + b"h" * 15000 + b"\r\n"
-    for _ in range(300):
+    for _ in range(400):  # 24 MB of heads, held once (Python parser) or twice (C)
         conn = await Conn.open(gw.port)
         await conn.send(b"GET / HTTP/1.1\r\nHost: gw\r\n" + line * 4)  # ~60 KB, no end
         conns.append(conn)
@@ -578,7 +586,7 @@ async def test_memory_of_held_heads_is_returned_after_they_close(
     for _ in range(50):
         await asyncio.sleep(0.2)
         held, last = rss_mib(gw.proc.pid), held
-        if held - before > 20 and abs(held - last) < 0.5:
+        if held - before > 15 and abs(held - last) < 0.5:
             break
     for conn in conns:
         conn.close()
@@ -589,5 +597,5 @@ async def test_memory_of_held_heads_is_returned_after_they_close(
         if after - before < (held - before) / 2:
             break
     print(f"RSS {before:.0f} -> {held:.0f} MiB held -> {after:.0f} MiB after closing")
-    assert held - before > 20  # the heads were held (else this test proves nothing)
+    assert held - before > 15  # the heads were held (else this test proves nothing)
     assert after - before < (held - before) / 2, (before, held, after)
