@@ -266,6 +266,25 @@ async def test_chunked_body_then_pipelined_requests(
     assert upstream.received[0].body == data * 5
 
 
+async def test_head_begun_in_the_read_that_ends_a_chunked_body_is_timed(
+    make_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    """The end of a chunked body cannot be found without parsing it: the head begun
+    after it in the same read is measured from there, and still gets its deadline."""
+    port = await gateway_port(make_gateway)
+    conn = await Conn.open(port)
+    await conn.send(
+        b"POST /static/c HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n" + b"GET /static/slow HTTP/1.1\r\nHost: gw\r\nX-Slow: "
+    )
+    status, _ = await conn.response()
+    assert status == 200
+    raw = await conn.until_closed(timeout=3)  # keepalive_timeout is 10 s
+    conn.close()
+    assert status_of(raw) == 408
+    assert [r.raw_path for r in upstream.received] == ["/static/c"]
+
+
 async def test_many_pipelined_requests_in_one_write(
     make_gateway: GatewayFactory, upstream: Upstream
 ) -> None:
