@@ -12,6 +12,7 @@ process can open. Here:
 - ``GuardedServer`` hands out that handler, and past ``limits.max_connections`` open
   client connections a ``_Busy`` protocol that writes one canned 503 and closes.
 - ``GatewayRunner`` runs an app on it, with the cap kept under the file-descriptor limit.
+- When a burst of connections is over, the C heap's free pages go back to the system.
 
 This is the one module that touches aiohttp's private protocol internals: each use says
 why, and tests/test_server_internals.py fails if an aiohttp upgrade changes them.
@@ -90,8 +91,8 @@ def _last_message(h: web.RequestHandler) -> tuple[object, StreamReader] | None:
 
 
 def _queue_full(h: web.RequestHandler) -> bool:
-    # With this many pipelined requests queued the parser holds back further heads (and
-    # aiohttp pauses reading) until the handler task drains the queue.
+    # With this many pipelined requests queued aiohttp pauses reading (and its Python
+    # parser holds back further heads) until the handler task drains the queue.
     return len(h._messages) >= h._max_msg_queue_size
 
 
@@ -387,7 +388,7 @@ class GuardedHandler(web.RequestHandler):
         if not _idle(self):
             # An earlier pipelined request is being answered: ours cannot be written.
             # The connection closes when that response is done; queued requests are
-            # dropped and what still arrives is not read.
+            # dropped, and so is what still arrives.
             self.close()
             return
         transport.write(answer)
