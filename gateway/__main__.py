@@ -18,9 +18,12 @@ from .app import RUNTIME, build_app, server_kwargs
 from .chain import validate_plugins
 from .config import ConfigError, Settings, load_settings, split_host_port
 from .errors import REDIS_FAILURES
+from .server import GatewayRunner
 from .tls import listeners, server_context
 
 log = logging.getLogger("gateway")
+
+ADMIN_KEEPALIVE = 5.0
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,8 +49,9 @@ async def serve(
     """Run until SIGTERM/SIGINT. ``tls``: server_context(settings.listen_tls), built by
     main() so that a bad certificate is a config error, not a start-up failure."""
     app = build_app(settings)
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         app,
+        settings,
         handle_signals=False,
         # In-flight requests get this long after SIGTERM before they are cut.
         shutdown_timeout=settings.shutdown_timeout,
@@ -70,7 +74,11 @@ async def serve(
     # With several workers only the first serves /healthz and /metrics (its own counters).
     if settings.admin.listen and not worker:
         admin_runner = web.AppRunner(
-            build_admin_app(app[RUNTIME]), handle_signals=False, access_log=None
+            build_admin_app(app[RUNTIME]),
+            handle_signals=False,
+            access_log=None,
+            # Scrapers reconnect; an idle admin connection need not live for aiohttp's hour.
+            keepalive_timeout=ADMIN_KEEPALIVE,
         )
         await admin_runner.setup()
         ahost, aport = split_host_port(settings.admin.listen)

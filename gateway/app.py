@@ -19,13 +19,21 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
 
 
 def server_kwargs(settings: Settings) -> dict[str, Any]:
-    """Options for aiohttp's request handler; every runner of the gateway app uses them."""
+    """Options for aiohttp's request handler; every runner of the gateway app uses them
+    (server.GatewayRunner in production, testing.GatewayTestServer in tests)."""
     return {
         # Bodies pass through as sent: aiohttp would otherwise inflate a gzip upload and
         # forward it under its original Content-Encoding and Content-Length.
         "auto_decompress": False,
         "max_field_size": settings.max_request_header_size,
         "max_line_size": settings.max_request_header_size,
+        # A head is bounded as a whole by limits.max_header_bytes (server.py); aiohttp's
+        # count of header lines must not refuse a smaller head first. The shortest line
+        # is 4 bytes ("a:\r\n").
+        "max_headers": settings.limits.max_header_bytes // 4,
+        # Idle keep-alive connections, and connections that never send, are closed after
+        # this (aiohttp's default is an hour).
+        "keepalive_timeout": settings.limits.keepalive_timeout,
         # Off by default: a line per request costs more than proxying it.
         "access_log": logging.getLogger("gateway.access") if settings.logging.access_log else None,
     }

@@ -48,3 +48,8 @@ SESSION_EVENTS = Counter(
     "logged out and revoked",
     ["event"],
 )
+CLIENT_REFUSALS = Counter(
+    "gateway_client_refusals_total",
+    "Client connections answered and closed by a protocol limit (limits.*)",
+    ["reason"],
+)

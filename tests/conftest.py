@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import build_app, server_kwargs
 from gateway.config import parse_settings
+from gateway.testing import GatewayTestServer
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -246,7 +248,7 @@ async def make_gateway(
     async def factory(config: dict[str, Any] | None = None, **over: Any) -> TestClient:
         cfg = config or base_config(redis_server.url, upstream.url, **over)
         settings = parse_settings(cfg)
-        server = TestServer(build_app(settings), host="127.0.0.1")
+        server = GatewayTestServer(build_app(settings), settings, host="127.0.0.1")
         # TestServer only applies handler options given to start_server.
         await server.start_server(**server_kwargs(settings))
         client = TestClient(server)
@@ -313,12 +315,17 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def limit_files(n: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
 @pytest.fixture
 def gateway_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], GatewayProcess]]:
-    """Start ``python -m gateway`` as a real process (for signals and exit codes)."""
+    """Start ``python -m gateway`` as a real process (for signals and exit codes);
+    ``nofile`` sets its open-file limit (soft and hard)."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(cfg: dict[str, Any]) -> GatewayProcess:
+    def start(cfg: dict[str, Any], nofile: int | None = None) -> GatewayProcess:
         port, admin = free_port(), free_port()
         cfg = {**cfg, "listen": f"127.0.0.1:{port}", "admin": {"listen": f"127.0.0.1:{admin}"}}
         path = Path(tempfile.mkstemp(suffix=".yaml", dir=tmp_path)[1])
@@ -330,6 +337,7 @@ def gateway_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Gatew
             stdout=log_path.open("wb"),
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=None if nofile is None else lambda: limit_files(nofile),
         )
         procs.append(proc)
         deadline = time.monotonic() + 15
