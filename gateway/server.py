@@ -29,6 +29,7 @@ from typing import Any, cast
 
 from aiohttp import StreamReader, hdrs, web
 from aiohttp.http import RawRequestMessage
+from aiohttp.web_protocol import RequestPayloadError
 
 from .config import LimitsSettings, Settings
 from .logs import Throttle
@@ -294,6 +295,14 @@ class GuardedHandler(web.RequestHandler):
             self._framing = 0
         else:
             self._framing += len(rest)
+        if new and not body.is_eof():
+            newest = _last_message(self)
+            if newest is not None and not isinstance(newest[0], RawRequestMessage):
+                # The parser refused the chunked body half-way. aiohttp's C parser then
+                # drops the body's stream without ending it, so the handler reading it
+                # would wait for its idle timeout: end it with the error at once (the
+                # proxy answers 400, and the upstream connection it streams to is freed).
+                body.set_exception(RequestPayloadError("malformed chunked body"))
         if new or body.is_eof():
             self._resync(rest, new)
         elif self._framing > self._limits.max_header_bytes:

@@ -187,7 +187,8 @@ class PageCache(Plugin):
         # read X-HTTP-Method-Override and friends), is invisible to the key: such a
         # request is neither served from the cache nor stored. Request headers a backend
         # reflects are its own to declare, in Vary (README: page_cache).
-        if req.body_exists or "Transfer-Encoding" in req.headers:
+        h = req.headers
+        if req.body_exists or "Transfer-Encoding" in h or h.get("Content-Length", "0") != "0":
             return False
         if any(normalized(n) in _METHOD_OVERRIDES for n in req.headers):
             return False

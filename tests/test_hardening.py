@@ -418,10 +418,11 @@ async def test_malformed_requests_are_400_without_a_session(
     gw = await make_gateway(routes=routes)
     assert gw.port is not None
     raw = await raw_request(gw.port, data)
-    if b";eeee" in data:
-        # llhttp skips chunk extensions without buffering them (and the gateway sends
-        # the body on re-chunked, without them): accepted there, refused by the
-        # pure-Python parser's 16 KB line limit. Never a 500.
+    if b";eeee" in data or b"T299: v" in data:
+        # llhttp skips chunk extensions without buffering them, and takes trailers up to
+        # limits.max_header_bytes in all (server.py counts them): accepted there (the
+        # gateway sends the body on re-chunked, without either), refused by the
+        # pure-Python parser's own limits. Never a 500.
         assert status_of(raw) in (200, 400), raw[:300]
     else:
         assert status_of(raw) == 400, raw[:300]

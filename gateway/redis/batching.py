@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-from redis.asyncio import Redis
-
 from .. import metrics
+from .client import RedisClient
 
 MAX_BATCH = 256
 _SENT = metrics.REDIS_COMMANDS.labels("session_read")
@@ -25,7 +24,7 @@ ReadResult = tuple[dict[str, str], list[Any]]
 
 
 class BatchedReader:
-    def __init__(self, redis: Redis, timeout: float) -> None:
+    def __init__(self, redis: RedisClient, timeout: float) -> None:
         self.redis = redis
         # One timer per batch rather than one per request; every waiter of a batch that
         # runs out of time gets the TimeoutError.
