@@ -44,6 +44,9 @@ def gateway_config(
             "absolute_ttl": 28800,
         },
         "upstreams": {"app": {"servers": [f"http://127.0.0.1:{backend_port}"]}},
+        # Every benchmark client is one loopback address: the per-address cap on upstream
+        # connections (default 32) would refuse wrk's 64 connections as one client.
+        "limits": {"upstream_per_address": 100_000},
         "routes": [
             {"path": "/nosession/", "upstream": "app", "session": "none"},
             {"path": "/login", "upstream": "app", "session": "optional", "instructions": ["login"]},

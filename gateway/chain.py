@@ -133,7 +133,7 @@ class Chain:
             ctx.prefetched[name] = results[i : i + n]
             i += n
 
-    async def find_session(self, ctx: RequestContext) -> Session | None:
+    async def find_session(self, ctx: RequestContext) -> dict[str, str] | None:
         for p in self.route(ctx.route).sources:
             # A failing source (whatever its policy) has no session to give.
             _, found = await self._run(p, p.find_session, ctx)

@@ -131,12 +131,14 @@ class Plugin:
         """
         return ()
 
-    async def find_session(self, ctx: RequestContext) -> Session | None:
+    async def find_session(self, ctx: RequestContext) -> dict[str, str] | None:
         """A session source after the gateway's own (the near-cache, then Redis) found
-        none for this request: return a session (already stored in Redis; put its cookie
-        on ``ctx.cookies``) or None. Sources are asked in the order of ``plugins:``; the
-        first session found wins. A read-through from another store (a legacy session
-        table) lives here. Not called when Redis failed for this request."""
+        none for this request: the fields of a session found elsewhere (a legacy session
+        table; ``user_id`` makes it a logged-in one), or None. The core creates the
+        gateway session from them (a new token, the cookie set, ``session_created``
+        hooks) and the request goes on with it. Sources are asked in the order of
+        ``plugins:``; the first found wins. Not called when Redis failed for this
+        request."""
         return None
 
     async def request(self, ctx: RequestContext) -> web.StreamResponse | None:

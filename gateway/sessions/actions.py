@@ -52,6 +52,22 @@ class SessionActions:
         metrics.SESSION_EVENTS.labels("created").inc()
         return guest
 
+    async def adopt(self, fields: dict[str, str]) -> Session:
+        """A gateway session for fields a session source found elsewhere (a legacy
+        session table): a new token, stored like a login when ``user_id`` is there, like
+        a guest's otherwise. The fields the gateway owns are its own."""
+        if fields.get("user_id"):
+            clean = {k: v for k, v in fields.items() if k not in RESERVED_FIELDS or k == "user_id"}
+            new, ended = await bounded("adopt", self.store.login(None, clean), None)
+            await self._ended(ended)
+        else:
+            new = self.store.new_guest()
+            new.fields.update({k: v for k, v in fields.items() if k not in RESERVED_FIELDS})
+            await bounded("adopt", self.store.create(new), self.timeout)
+        await self.chain.session_created(new)
+        metrics.SESSION_EVENTS.labels("created").inc()
+        return new
+
     async def login(self, old: Session | None, fields: dict[str, str]) -> Session:
         """A new session (a new token, always) for ``fields``, which must hold a
         ``user_id``; ``old`` is ended in the same transaction. Fields the gateway owns

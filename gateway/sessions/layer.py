@@ -37,8 +37,8 @@ class SessionLayer:
             redis.client, s, keys, redis.timeout, self.cache, self.link, self.activity
         )
         self.cookie = SessionCookie(settings)
-        self.resolver = SessionResolver(self.store, chain, self.cookie)
         self.actions = SessionActions(settings, self.store, self.activity, chain)
+        self.resolver = SessionResolver(self.store, chain, self.cookie, self.actions)
 
     def start(self) -> None:
         if self.link is not None:

@@ -18,6 +18,7 @@ from aiohttp import web
 from ..errors import RedisUnavailable, bounded
 from ..plugin import RequestContext
 from ..responses import text_response, unavailable
+from .actions import SessionActions
 from .cookies import SessionCookie
 from .model import Session, valid_token
 from .store import SessionStore
@@ -27,10 +28,13 @@ if TYPE_CHECKING:
 
 
 class SessionResolver:
-    def __init__(self, store: SessionStore, chain: Chain, cookie: SessionCookie) -> None:
+    def __init__(
+        self, store: SessionStore, chain: Chain, cookie: SessionCookie, actions: SessionActions
+    ) -> None:
         self.store = store
         self.chain = chain
         self.cookie = cookie
+        self.actions = actions
 
     async def resolve(self, ctx: RequestContext) -> web.StreamResponse | None:
         request, route = ctx.request, ctx.route
@@ -44,7 +48,11 @@ class SessionResolver:
                 ctx.session = await self._from_gateway(ctx, token)
                 stale = ctx.session is None
             if ctx.session is None and self.chain.route(route).sources:
-                ctx.session = await self.chain.find_session(ctx)
+                found = await self.chain.find_session(ctx)
+                if found is not None:
+                    ctx.session = await self.actions.adopt(found)
+                    ctx.cookies.append(self.cookie.for_token(ctx.session.token))
+                    stale = False
         except RedisUnavailable:
             ctx.redis_ok = False
             # SECURITY: a required route's backend never sees a request without a live

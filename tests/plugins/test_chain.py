@@ -210,3 +210,38 @@ async def test_the_four_builtins_together(
     assert [r.raw_path for r in upstream.received] == ["/add", "/products/a"]
     assert [(await gw.get("/x")).status for _ in range(2)] == [200, 200]
     assert (await gw.get("/products/a")).status == 429  # limit reached, cache or not
+
+
+class LegacySource(Plugin):
+    """A session source: a visitor carrying the legacy app's cookie ``legacy=<uid>``
+    without a gateway session gets one with that user id."""
+
+    seen = 0
+
+    async def find_session(self, ctx: RequestContext) -> dict[str, str] | None:
+        LegacySource.seen += 1
+        legacy = ctx.request.cookies.get("legacy")
+        return {"user_id": legacy, "username": f"u{legacy}"} if legacy else None
+
+
+async def test_a_plugin_session_source_is_asked_after_the_gateway_and_adopted(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    LegacySource.seen = 0
+    gw = await make_gateway(plugins=["tests.plugins.test_chain:LegacySource"])
+    resp = await gw.get("/page", headers={"Cookie": "legacy=77"})
+    assert resp.status == 200
+    assert upstream.last.header("X-Session-User-Id") == "77"
+    assert upstream.last.header("X-Session-Authenticated") == "true"
+    token = resp.cookies["sid"].value
+    # From now on the gateway's own session answers: the source is not asked again.
+    gw.session.cookie_jar.clear()
+    await gw.get("/page", headers={"Cookie": f"sid={token}; legacy=77"})
+    assert upstream.last.header("X-Session-Username") == "u77"
+    assert LegacySource.seen == 1
+    assert any(k.startswith("session:") for k in rdb.keys("session:*"))
+    assert rdb.smembers("user_sessions:77")
+    # No legacy cookie: the source finds nothing, the visitor stays anonymous.
+    gw.session.cookie_jar.clear()
+    await gw.get("/page")
+    assert upstream.last.header("X-Session-Authenticated") == "false"
