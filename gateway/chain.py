@@ -23,7 +23,8 @@ from pydantic import ValidationError
 
 from . import metrics
 from .config import ConfigError, RouteSettings, Settings, _first_error
-from .instructions import CORE_INSTRUCTIONS
+from .headers import normalized
+from .instructions import CORE_INSTRUCTIONS, Table
 from .plugin import Commands, Plugin, PluginConfig, RequestContext, ResponseHead, Services
 
 if TYPE_CHECKING:
@@ -59,10 +60,8 @@ class Chain:
         self.plugins = plugins
         self._routes: dict[tuple[str, ...], _RouteChain] = {}
         self._background: set[asyncio.Task[Any]] = set()
-        # Instruction header (lower-case) → the plugin that consumes it.
-        self.instruction_owners: dict[str, Plugin] = {
-            h.lower(): p for p in plugins for hs in type(p).instructions.values() for h in hs
-        }
+        # Which instruction headers the core and these plugins consume.
+        self.instructions = Table(plugins, known=_builtin_instructions())
 
     def route(self, route: RouteSettings) -> _RouteChain:
         got = self._routes.get(route.disable_plugins)
@@ -156,7 +155,7 @@ class Chain:
         """Hand each plugin the instruction headers it owns (a failure is its own)."""
         by_plugin: dict[Plugin, dict[str, str]] = {}
         for header, value in values.items():
-            owner = self.instruction_owners.get(header)
+            owner = self.instructions.owner.get(header)
             if owner is not None:
                 by_plugin.setdefault(owner, {})[header] = value
         for p in self.route(ctx.route).plugins:
@@ -222,18 +221,35 @@ def _resolve(name: str) -> type[Plugin]:
     return cls
 
 
+def _builtin_instructions() -> dict[str, tuple[str, ...]]:
+    """The instructions the built-in plugins declare, whether enabled or not."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name in registry():
+        try:
+            out.update(_resolve(name).instructions)
+        except ConfigError:
+            continue
+    return out
+
+
 def _known_instructions(enabled: list[type[Plugin]]) -> set[str]:
     """Instructions a route may list: the core's, the enabled plugins', and the built-in
     plugins' (a route may name one whose plugin is off: its headers are then dropped and
-    counted as having no plugin)."""
+    counted as having no plugin). An enabled plugin may not claim a header already
+    claimed (by the core or another plugin)."""
+    claimed = {h for hs in CORE_INSTRUCTIONS.values() for h in hs}
+    for cls in enabled:
+        for headers in cls.instructions.values():
+            for h in headers:
+                if normalized(h) in claimed:
+                    raise ConfigError(
+                        f"plugins.{cls.__name__}: instruction header {h} is already claimed"
+                    )
+                claimed.add(normalized(h))
     known = set(CORE_INSTRUCTIONS)
     for cls in enabled:
         known.update(cls.instructions)
-    for name in registry():
-        try:
-            known.update(_resolve(name).instructions)
-        except ConfigError:
-            continue
+    known.update(_builtin_instructions())
     return known
 
 

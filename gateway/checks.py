@@ -17,6 +17,12 @@ _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
 def malformed(request: web.BaseRequest) -> str | None:
     """Why ``request`` must be refused with 400, or None."""
+    method = request.method
+    if method != method.upper():
+        # SECURITY: methods are case-sensitive; "get" would not match a route narrowed
+        # by `methods: [GET]` and fall to another route, while a backend that
+        # upper-cases methods serves it as GET. (llhttp refuses it already.)
+        return "method must be upper case"
     h = request.headers
     cls = h.getall("Content-Length", ())
     tes = h.getall("Transfer-Encoding", ())

@@ -214,6 +214,10 @@ class LimitsSettings(_Frozen):
     # Concurrent client connections per process; past it a new connection is answered
     # 503 and closed (kept below the file-descriptor limit, see server.py).
     max_connections: int = Field(10_000, ge=1)
+    # Concurrent client connections from one address (IPv6: its /64) per process; past
+    # it a new one is answered 429 and closed. Peers in trusted_proxies are not counted
+    # (a load balancer speaks for many clients). 0: no cap.
+    connections_per_address: int = Field(256, ge=0)
     # Seconds for a whole request head (request line and headers) once its first byte
     # arrived: a slowloris sending a byte every few seconds is answered 408 and closed.
     header_timeout: float = Field(10.0, gt=0)
@@ -237,7 +241,7 @@ class LimitsSettings(_Frozen):
     upstream_per_address: int = Field(32, ge=1)
     # Guest sessions one client address (IPv6: its /64) may create per minute, across
     # every gateway sharing the Redis (0: no cap).
-    guests_per_address: int = Field(30, ge=0)
+    guests_per_address: int = Field(120, ge=0)
 
 
 class PathSettings(_Frozen):

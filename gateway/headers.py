@@ -132,6 +132,7 @@ class HeaderDrop:
 _PLAIN_VALUE = re.compile(r"[\x21-\x24\x26-\x7e]*")  # visible ASCII except %
 _VISIBLE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 FIELD_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_UNDECODED = re.compile(r"[\ud800-\udfff]")
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{8,128}")
 
 
@@ -195,7 +196,9 @@ def encode_value(value: str) -> str:
     can never split or add a header and a backend may always percent-decode."""
     if _PLAIN_VALUE.fullmatch(value):
         return value
-    return quote(value, safe=_VISIBLE)
+    # surrogateescape: a value read from Redis that is not UTF-8 (other software wrote
+    # it; the client decodes it so) goes out as its original bytes, percent-encoded.
+    return quote(value, safe=_VISIBLE, errors="surrogateescape")
 
 
 def parse_params(value: str) -> dict[str, str] | None:
@@ -214,9 +217,15 @@ def parse_params(value: str) -> dict[str, str] | None:
         if not sep or not FIELD_NAME_RE.fullmatch(key) or key in out:
             return None
         try:
-            out[key] = unquote(val.strip(), errors="strict")
+            decoded = unquote(val.strip(), errors="strict")
         except UnicodeDecodeError:
             return None
+        # A raw byte the backend sent unencoded (aiohttp hands it over as a lone
+        # surrogate) is not UTF-8 text and cannot be stored as such: malformed. Encoded
+        # bytes (%0A, %C3%A9) are data and kept.
+        if _UNDECODED.search(decoded):
+            return None
+        out[key] = decoded
     return out
 
 

@@ -5,18 +5,19 @@ and parse them themselves. Everything refused is logged and counted."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from multidict import CIMultiDictProxy
 
 from . import metrics
+from .errors import RedisUnavailable
 from .forwarded import bucket
 from .headers import SESSION_PREFIX, normalized, parse_params
 
 if TYPE_CHECKING:
     from .chain import Chain
-    from .plugin import RequestContext
+    from .plugin import Plugin, RequestContext
     from .sessions.actions import SessionActions
     from .sessions.cookies import SessionCookie
 
@@ -32,19 +33,35 @@ CORE_INSTRUCTIONS: Mapping[str, tuple[str, ...]] = {
 
 
 class Table:
-    """Instruction header → the ``instructions:`` entry that allows it, and whether a
-    plugin (not the core) consumes it."""
+    """Instruction header → the ``instructions:`` entry that allows it and the plugin
+    that consumes it (None: the core). Built once from the chain: the one table both
+    the collecting and the handing over read. ``known`` adds the entries of plugins that
+    are not enabled (a route may name one: its headers are dropped as having no
+    plugin)."""
 
-    def __init__(self, plugin_entries: Mapping[str, tuple[str, ...]] = {}) -> None:
+    def __init__(
+        self,
+        plugins: Iterable[Plugin] = (),
+        known: Mapping[str, tuple[str, ...]] = {},
+    ) -> None:
         self.entry: dict[str, str] = {}
-        self.owned_by_plugin: set[str] = set()
+        self.owner: dict[str, Plugin] = {}
         for entry, headers in CORE_INSTRUCTIONS.items():
             for h in headers:
                 self.entry[h] = entry
-        for entry, headers in plugin_entries.items():
-            for h in headers:
-                self.entry[normalized(h)] = entry
-                self.owned_by_plugin.add(normalized(h))
+        for p in plugins:
+            for entry, headers in type(p).instructions.items():
+                for h in headers:
+                    # No header is claimed twice: validate_plugins refused that.
+                    norm = normalized(h)
+                    self.entry[norm] = entry
+                    self.owner[norm] = p
+        self.without_plugin: dict[str, str] = {
+            normalized(h): entry
+            for entry, headers in known.items()
+            for h in headers
+            if normalized(h) not in self.entry
+        }
 
 
 def collect(
@@ -61,13 +78,14 @@ def collect(
     out: dict[str, str] = {}
     for name, values in found.items():
         entry = table.entry.get(name)
-        label = name.removeprefix("x-session-")
-        if entry is None:
-            dropped(label, "unknown")
+        if entry is None and name in table.without_plugin:
+            dropped(table.without_plugin[name], f"no-{table.without_plugin[name]}-plugin")
+        elif entry is None:
+            dropped(name.removeprefix("x-session-"), "unknown")
         elif entry not in allowed:
-            dropped(label, "not-allowed")
+            dropped(name.removeprefix("x-session-"), "not-allowed")
         elif len(values) != 1:
-            dropped(label, "duplicated")
+            dropped(name.removeprefix("x-session-"), "duplicated")
         else:
             out[name] = values[0]
     return out
@@ -91,50 +109,61 @@ def dropped(instruction: str, why: str) -> None:
     log.warning("instruction X-Session-%s dropped: %s", instruction.title(), why)
 
 
+class TooManyGuests(Exception):
+    """This client address created limits.guests_per_address guests this minute."""
+
+
 class Applier:
     """Applies a backend's instructions for one response, through the session actions;
     the cookies they decide go on ``ctx.cookies``. Raises RedisUnavailable when Redis
-    cannot store one (the client then gets 503, never a login that did not happen)."""
+    cannot store one (the client then gets 503, never a login that did not happen), and
+    TooManyGuests past the per-address guest cap (429)."""
 
-    def __init__(self, actions: SessionActions, chain: Chain, cookie: SessionCookie) -> None:
+    def __init__(
+        self, actions: SessionActions, chain: Chain, cookie: SessionCookie, table: Table
+    ) -> None:
         self.actions = actions
         self.chain = chain
         self.cookie = cookie
-        self.table = Table(
-            {e: hs for p in chain.plugins for e, hs in type(p).instructions.items()}
-        )
+        self.table = table
 
     async def apply(self, ctx: RequestContext, headers: CIMultiDictProxy[str]) -> None:
         values = collect(headers, ctx.route.instructions, self.table)
         if not values:
             return
-        mine = {h: v for h, v in values.items() if h in self.table.owned_by_plugin}
-        needs_session = bool(mine) or "x-session-set" in values
+        route_plugins = self.chain.route(ctx.route).plugins
+        mine: dict[str, str] = {}
+        for h, v in values.items():
+            owner = self.table.owner.get(h)
+            if owner is None:
+                continue
+            if owner in route_plugins:
+                mine[h] = v
+            else:
+                entry = self.table.entry[h]
+                dropped(entry, f"no-{entry}-plugin")  # switched off on this route
+        logout = _parsed(values, "x-session-logout")
+        login = _parsed(values, "x-session-login")
+        fields = _parsed(values, "x-session-set")
         if (
-            needs_session
+            (mine or fields)
             and ctx.session is None
             and ctx.route.guest
             and ctx.redis_ok
-            and "x-session-login" not in values
-            and "x-session-logout" not in values
+            and login is None
+            and logout is None
         ):
             await self._guest(ctx)
-        if "x-session-logout" in values:
-            params = parse_core("x-session-logout", values["x-session-logout"])
-            if params is not None:
-                await self._logout(ctx, "all" in params)
-        if "x-session-login" in values:
-            params = parse_core("x-session-login", values["x-session-login"])
-            if params is not None:
-                await self._login(ctx, params)
-        if "x-session-set" in values:
-            params = parse_core("x-session-set", values["x-session-set"])
-            if params is not None:
-                await self._set(ctx, params)
+        if logout is not None:
+            await self._logout(ctx, "all" in logout)
+        if login is not None:
+            await self._login(ctx, login)
+        if fields is not None:
+            await self._set(ctx, fields)
         if mine:
             if ctx.session is None:
                 for h in mine:
-                    dropped(h.removeprefix("x-session-"), "no-session")
+                    dropped(self.table.entry[h], "no-session")
                 return
             for h in mine:
                 metrics.INSTRUCTIONS.labels(self.table.entry[h], "handed-to-plugin").inc()
@@ -146,14 +175,23 @@ class Applier:
         Guests are created only when something needs one: a visitor without a session
         is anonymous until the backend sends X-Session-Set or a plugin's instruction (a
         cart change). A 404, a bot, a health probe creates nothing. At most
-        limits.guests_per_address per minute per client address (IPv6: its /64); past
-        it the instructions are dropped and counted."""
-        guest = await self.actions.create_guest(bucket(ctx.client_address))
+        limits.guests_per_address per minute per client address (IPv6: its /64): past
+        it TooManyGuests. Redis failing here follows the route's on_redis_error: open
+        answers without the instructions that needed the session."""
+        try:
+            guest = await self.actions.create_guest(bucket(ctx.client_address))
+        except RedisUnavailable:
+            ctx.redis_ok = False
+            if ctx.route.on_redis_error == "closed":
+                raise
+            dropped("guest", "redis-error")
+            return
         if guest is None:
             dropped("guest", "address-cap")
-            return
+            raise TooManyGuests(ctx.client_address)
         ctx.session = guest
-        ctx.cookies.append(self.cookie.for_token(guest.token))
+        # Replaces an expiry decided for a stale cookie: one Set-Cookie per name.
+        self.cookie.replace(ctx.cookies, self.cookie.for_token(guest.token))
         metrics.INSTRUCTIONS.labels("guest", "created").inc()
 
     async def _login(self, ctx: RequestContext, fields: dict[str, str]) -> None:
@@ -187,3 +225,7 @@ class Applier:
         if s is not None:
             await self.actions.logout(s, everywhere)
         metrics.INSTRUCTIONS.labels("logout", "applied").inc()
+
+
+def _parsed(values: dict[str, str], name: str) -> dict[str, str] | None:
+    return parse_core(name, values[name]) if name in values else None

@@ -34,6 +34,3 @@ class AddressHolds:
                 self._held[key] = n
             else:
                 del self._held[key]
-
-    def held(self, key: str) -> int:
-        return self._held.get(key, 0)

@@ -29,6 +29,7 @@ from urllib.parse import quote, unquote, unquote_to_bytes
 __all__ = [
     "PathError",
     "canonical",
+    "climbs_elsewhere",
     "read",
     "readings",
     "route_path",
@@ -67,6 +68,8 @@ _TRAILING_IN_SEGMENT = re.compile(r"(?<![/.])(?:\.|%20)+(?=/|$)")
 # A segment of nothing but dots and spaces ("...", ".. ").
 _DOTS_ONLY = re.compile(r"(?<=/)(?:\.|%20)+(?=/|$)")
 _PARAMS = re.compile(r";[^/]*")
+# A segment that may hide a dot segment: a dot, an escape, a backslash or a ; in it.
+_DOTTY = re.compile(r"[.%\\;]")
 _INVISIBLE = re.compile(r"[^!-~]|[#?]")
 _PLAIN_UPPER = re.compile(r"[A-Z]")
 # An upper-case letter that is not the hex digit of an escape.
@@ -192,6 +195,33 @@ def _is_plain(path: str) -> bool:
         and "./" not in path
         and not path.endswith(".")
     )
+
+
+def climbs_elsewhere(raw_path: str) -> bool:
+    """Whether a segment of ``raw_path`` that is not ``.`` or ``..`` reads as one to some
+    backend: decoded
+    (``%252e%252e``), split at a backslash (``a\\..``), its ``;params`` dropped
+    (``..;x``), its trailing dots and spaces dropped (``...``, ``..%20``).
+
+    SECURITY: such a segment climbs for the backend where it does not for the gateway,
+    and the climb composes with everything around it: ``/a/..;/account/x/..;/..`` is
+    ``/a/..;/account/x/`` to the gateway (the ``/`` route) and ``/account/x/`` to Tomcat.
+    No legitimate URL needs one, so it is refused rather than read every way."""
+    if _is_plain(raw_path) or not _DOTTY.search(raw_path):
+        return False  # a plain path has no segment ending in a dot, nor escapes
+    for seg in raw_path.split("/"):
+        if "." not in seg and "%" not in seg:
+            continue
+        if _escapes(seg, lenient=True) in ("", ".", ".."):
+            continue  # a dot segment to the gateway too (``%2e%2E`` is ``..``)
+        decoded = unquote_to_bytes(unquote_to_bytes(seg).decode("latin-1")).decode("latin-1")
+        for piece in decoded.replace("\\", "/").split("/"):
+            piece = piece.split(";", 1)[0]
+            if piece in (".", ".."):
+                return True
+            if piece and piece.strip(". ") == "" and "." in piece:
+                return True  # dots and spaces only ("...", ".. ")
+    return False
 
 
 def _escaped(raw_path: str) -> str:

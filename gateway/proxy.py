@@ -30,7 +30,7 @@ from .config import RouteSettings, Settings
 from .errors import RedisUnavailable
 from .forwarded import TrustedProxies, bucket
 from .headers import REQUEST_ID_RE, set_cookie_name, strip_headers
-from .instructions import Applier, dropped
+from .instructions import Applier, TooManyGuests, dropped
 from .limits import AddressHolds, TooMany
 from .logs import Throttle, request_id_var
 from .outbound import UpstreamHeaders
@@ -76,7 +76,9 @@ class Gateway:
         self.table = table
         self.sessions = sessions
         self.resolver = sessions.resolver
-        self.instructions = Applier(sessions.actions, chain, sessions.cookie)
+        self.instructions = Applier(
+            sessions.actions, chain, sessions.cookie, chain.instructions
+        )
         self.chain = chain
         # WebSocket upgrades only; plain HTTP goes through the upstreams' pools.
         self.ws_client = ws_client
@@ -158,7 +160,8 @@ class Gateway:
                 "%d for %s %s from %s: %s%s",
                 status,
                 request.method,
-                repr(request.raw_path[:200]),
+                # The path only: a query may hold a reset token or an OAuth code.
+                repr(request.raw_path.partition("?")[0][:200]),
                 request.remote,
                 why,
                 f" ({more} more refusals not logged)" if more else "",
@@ -190,7 +193,16 @@ class Gateway:
             return await self._answer_directly(ctx, answer)
 
         if route.websocket and is_websocket(request):
-            return await proxy_websocket(self, ctx, table)
+            try:
+                # Held for the socket's life: a client's open WebSockets count
+                # against its upstream connections like anything else.
+                with self.holds.hold(bucket(ctx.client_address)):
+                    return await proxy_websocket(self, ctx, table)
+            except TooMany:
+                self._refused(request, 429, "too many upstream connections from this client")
+                return text_response(
+                    429, "too many concurrent requests from this address", {"Retry-After": "1"}
+                )
 
         upstream = table.upstreams[route.upstream]
         headers = self.outbound.build(ctx)
@@ -263,6 +275,12 @@ class Gateway:
             await self.instructions.apply(ctx, upstream_resp.headers)
         except RedisUnavailable:
             return unavailable("session store unavailable; try again")
+        except TooManyGuests:
+            self._refused(request, 429, "guest sessions per address (limits.guests_per_address)")
+            return text_response(
+                429, "too many new sessions from this address; try again later",
+                {"Retry-After": "60"},
+            )
         headers = strip_headers(upstream_resp.headers)
         cookie_name = self.sessions.cookie.name
         backend_cookies = headers.getall("Set-Cookie", ())
@@ -383,6 +401,3 @@ class Gateway:
         # that would break the activity flush for every other session).
         page = ctx.path[:MAX_PAGE]
         self.sessions.activity.record(self.sessions.keys.session(s.key_id), page, s.deadline)
-
-    def upstream_headers(self, ctx: RequestContext) -> CIMultiDict[str]:
-        return self.outbound.build(ctx)

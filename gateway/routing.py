@@ -7,7 +7,7 @@ The path matched is the canonical one (paths.py), and it is the path sent upstre
 from __future__ import annotations
 
 from .config import PathSettings, RouteSettings, Settings
-from .paths import PathError, read, strict_refusal
+from .paths import PathError, climbs_elsewhere, read, strict_refusal
 from .upstream import Upstream
 
 
@@ -50,6 +50,8 @@ class Router:
         if len(raw_path) > self._paths.max_length:
             raise PathError(f"path longer than {self._paths.max_length} characters", 414)
         path, others = read(raw_path, self._paths.merge_slashes, lower=not self._fold)
+        if climbs_elsewhere(raw_path):
+            raise PathError("ambiguous path")
         if self._paths.strict:
             why = strict_refusal(path)
             if why is not None:
@@ -58,6 +60,16 @@ class Router:
         for other in others:
             if self.match(other, method, host) is not route:
                 raise PathError("ambiguous path")
+        if path != raw_path:
+            # The backend receives ``path``, not ``raw_path``: its own readings must
+            # agree too (removing dot segments can bring pieces together that the raw
+            # path's readings saw apart).
+            again, others = read(path, self._paths.merge_slashes, lower=not self._fold)
+            if again != path:
+                raise PathError("ambiguous path")
+            for other in others:
+                if self.match(other, method, host) is not route:
+                    raise PathError("ambiguous path")
         return path, route
 
 

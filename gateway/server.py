@@ -32,6 +32,7 @@ from aiohttp.http import RawRequestMessage
 from aiohttp.web_protocol import RequestPayloadError
 
 from .config import LimitsSettings, Settings
+from .forwarded import TrustedProxies, bucket
 from .logs import Throttle
 from .metrics import CLIENT_REFUSALS
 
@@ -65,6 +66,9 @@ def _canned(status: int, reason: str, body: str, extra: str = "") -> bytes:
 
 TIMEOUT_408 = _canned(408, "Request Timeout", "request head not received in time")
 TOO_LARGE_431 = _canned(431, "Request Header Fields Too Large", "request head too large")
+TOO_MANY_429 = _canned(
+    429, "Too Many Requests", "too many connections from this address", "Retry-After: 1\r\n"
+)
 BUSY_503 = _canned(
     503, "Service Unavailable", "too many connections, retry shortly", "Retry-After: 1\r\n"
 )
@@ -384,6 +388,26 @@ class GuardedHandler(web.RequestHandler):
             abort,
         )
 
+    def refuse_connection(self, answer: bytes, reason: str, detail: str) -> None:
+        """Refuse a connection as it is made (nothing has been read from it yet)."""
+        CLIENT_REFUSALS.labels(reason).inc()
+        if _REFUSALS.allow():
+            more = _REFUSALS.take_suppressed()
+            log.info(
+                "client %s: %s; connection closed%s",
+                _peer(self.peername),
+                detail,
+                f" ({more} more refused connections not logged)" if more else "",
+            )
+        transport = self.transport
+        if transport is None:
+            return
+        transport.write(answer)
+        self.close()
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._linger = self._gloop.call_later(LINGER, self.force_close)
+
     def _refuse(self, answer: bytes, reason: str, detail: str, abort: bool = False) -> None:
         CLIENT_REFUSALS.labels(reason).inc()
         # A flood of refused connections must not flood the log: a few lines per
@@ -465,6 +489,7 @@ class GuardedServer(web.Server):
         *,
         limits: LimitsSettings,
         max_connections: int,
+        proxies: TrustedProxies | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         request_factory: Any = None,
         handler_cancellation: bool = False,
@@ -482,6 +507,9 @@ class GuardedServer(web.Server):
         self._handler_options = kwargs
         self.max_connections = max_connections
         self.open_connections = 0
+        self._proxies = proxies or TrustedProxies(())
+        self._per_address: dict[str, int] = {}  # bucket -> open connections
+        self._bucket_of: dict[web.RequestHandler, str] = {}
         self._peak = 0  # most open connections since the heap was last trimmed
         self._trim: asyncio.TimerHandle | None = None
         self._refusing = False
@@ -508,11 +536,33 @@ class GuardedServer(web.Server):
         self.open_connections += 1
         self._peak = max(self._peak, self.open_connections)
         super().connection_made(handler, transport)
+        cap = self._limits.connections_per_address
+        peer = transport.get_extra_info("peername")
+        if not cap or not isinstance(peer, tuple) or self._proxies.trusted(peer[0]):
+            return
+        key = bucket(peer[0])
+        n = self._per_address.get(key, 0)
+        self._per_address[key] = n + 1
+        self._bucket_of[handler] = key
+        if n >= cap and isinstance(handler, GuardedHandler):
+            # One client cannot take every connection slot (nginx's limit_conn).
+            handler.refuse_connection(
+                TOO_MANY_429,
+                "connections_per_address",
+                f"more than {cap} connections from {key} (limits.connections_per_address)",
+            )
 
     def connection_lost(
         self, handler: web.RequestHandler, exc: BaseException | None = None
     ) -> None:
         self.open_connections -= 1
+        key = self._bucket_of.pop(handler, None)
+        if key is not None:
+            n = self._per_address[key] - 1
+            if n:
+                self._per_address[key] = n
+            else:
+                del self._per_address[key]
         if (
             self._trim is None
             and self._peak >= TRIM_MIN_PEAK
@@ -600,6 +650,7 @@ class GatewayRunner(web.AppRunner):
             plain.request_handler,
             limits=limits,
             max_connections=cap,
+            proxies=TrustedProxies(self._settings.trusted_proxies),
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
             **_handler_kwargs(plain),

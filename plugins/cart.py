@@ -353,7 +353,8 @@ class Cart(Plugin):
         if s is None or not ctx.redis_ok:
             return None
         fields: dict[str, str] = {}
-        # Nothing prefetched: a guest created by this very request, which has no cart yet.
+        # Nothing prefetched: no lookup was made for this request (a session adopted from a
+        # plugin source has no cart yet).
         pre = ctx.prefetched.get(self.name)
         if pre:
             if isinstance(pre[0], Exception):

@@ -90,7 +90,8 @@ class ViewedItems(Plugin):
         if not self.config.header or s is None or not ctx.redis_ok:
             return None
         items: list[str] = []
-        # Nothing prefetched: a guest created by this very request, which has no views.
+        # Nothing prefetched: no lookup was made for this request (a session adopted from
+        # a plugin source has no views yet).
         pre = ctx.prefetched.get(self.name)
         if pre:
             if isinstance(pre[0], Exception):

@@ -6,9 +6,11 @@ Runs under both of aiohttp's HTTP parsers (``-m security``)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import secrets
 import signal
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -502,3 +504,172 @@ def test_login_url_must_be_a_same_site_path(url: str) -> None:
     cfg["routes"][1]["login_url"] = url
     with pytest.raises(ConfigError, match=r"^routes\[1\]\.login_url: must be a same-site path"):
         parse_settings(cfg)
+
+
+async def test_one_address_cannot_take_every_connection_slot(
+    make_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    """Found by review: max_connections is for all clients together; 20 slow sockets from
+    one address took every slot. limits.connections_per_address bounds one client."""
+    gw = await make_gateway(limits={"connections_per_address": 3, "max_connections": 100})
+    assert gw.port is not None
+    held = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(3)]
+    await asyncio.sleep(0.1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    async with asyncio.timeout(5):
+        answer = await reader.read(200)
+    writer.close()
+    assert status_of(answer) == 429 and b"Retry-After: 1" in answer
+    # Another address is served meanwhile.
+    raw = await asyncio.wait_for(
+        _get_from("127.0.0.2", gw.port), timeout=5
+    )
+    assert status_of(raw) == 200
+    # A slot freed is a slot for the same address again.
+    held[0][1].close()
+    await asyncio.sleep(0.2)
+    raw = await asyncio.wait_for(_get_from("127.0.0.1", gw.port), timeout=5)
+    assert status_of(raw) == 200
+    for _, w in held[1:]:
+        w.close()
+
+
+async def _get_from(address: str, port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(address, 0))
+    writer.write(b"GET /static/x HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    return data
+
+
+# -- found by review --------------------------------------------------------------------------
+
+
+async def test_a_guest_redis_cannot_create_follows_the_route_policy(
+    make_gateway: GatewayFactory, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    """Redis down while a guest is needed: an open route answers the backend's page (the
+    instruction dropped), a closed one 503 (before: 503 on open routes too)."""
+    routes = [
+        {"path": "/closed/", "upstream": "app", "guest": True, "instructions": ["set"],
+         "on_redis_error": "closed"},
+        {"path": "/", "upstream": "app", "guest": True, "instructions": ["set"]},
+    ]  # fmt: skip
+    gw = await make_gateway(routes=routes)
+    upstream.default_headers = [("X-Session-Set", "seen=1")]
+    redis_server.kill()
+    resp = await gw.get("/page")
+    assert resp.status == 200 and "Set-Cookie" not in resp.headers
+    assert (await gw.get("/closed/page")).status == 503
+
+
+async def test_one_session_cookie_per_answer(
+    make_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    """A stale cookie and a new guest in one answer: the guest's cookie replaces the
+    expiry (two Set-Cookie for one name before)."""
+    routes = [{"path": "/", "upstream": "app", "guest": True, "instructions": ["set"]}]
+    gw = await make_gateway(routes=routes)
+    upstream.reply_headers("/page", ("X-Session-Set", "seen=1"))
+    resp = await gw.get("/page", headers={"Cookie": f"sid={secrets.token_urlsafe(32)}"})
+    sids = [c for c in resp.headers.getall("Set-Cookie") if c.startswith("sid=")]
+    assert len(sids) == 1 and not sids[0].startswith("sid=;")
+
+
+async def test_bytes_that_are_not_utf8_never_make_a_500(
+    make_gateway: GatewayFactory, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    from gateway.headers import parse_params
+
+    # A raw byte in an instruction (aiohttp hands it over as a lone surrogate) makes the
+    # instruction malformed; encoded bytes are data.
+    assert parse_params("name=caf\udce9") is None
+    assert parse_params("name=caf%C3%A9") == {"name": "café"}
+    gw = await make_gateway()
+    # A stored value that is not UTF-8 (other software wrote it) reaches the backend as
+    # its bytes, percent-encoded; the session keeps working, through the near-cache link
+    # and through the pool (before: a 500, or the link broken for every session).
+    token = secrets.token_urlsafe(32)
+    key = "session:" + hashlib.sha256(token.encode()).hexdigest()
+    raw = redis.Redis(port=redis_server.port)
+    raw.hset(key, mapping={"user_id": "5", "name": b"caf\xe9", "login_time": f"{time.time():.3f}"})
+    raw.expire(key, 600)
+    raw.close()
+    for _ in range(3):
+        resp = await gw.get("/page", headers={"Cookie": f"sid={token}"})
+        assert resp.status == 200
+        assert upstream.last.header("X-Session-Name") == "caf%E9"
+        assert upstream.last.header("X-Session-User-Id") == "5"
+
+
+async def test_lower_case_methods_are_refused(gw: TestClient, upstream: Upstream) -> None:
+    """`get` would miss a route narrowed by `methods: [GET]` and reach another, while a
+    backend that upper-cases methods serves it as GET."""
+    assert gw.port is not None
+    raw = await raw_request(
+        gw.port, b"get /account/x HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n"
+    )
+    # llhttp refuses it (400); aiohttp's pure-Python parser reads it as GET, for the
+    # route as for the backend (here: the required route's 401). Never forwarded as is.
+    assert status_of(raw) in (400, 401)
+    assert upstream.received == []
+
+
+async def test_the_guest_counter_always_expires(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    routes = [{"path": "/", "upstream": "app", "guest": True, "instructions": ["set"]}]
+    gw = await make_gateway(routes=routes)
+    upstream.reply_headers("/page", ("X-Session-Set", "seen=1"))
+    # A counter left without its TTL (the race the script closes) gets one back.
+    rdb.set("gw:guests:127.0.0.1", 3)
+    await gw.get("/page")
+    assert rdb.get("gw:guests:127.0.0.1") == "4"
+    assert 0 < rdb.ttl("gw:guests:127.0.0.1") <= 60
+
+
+async def test_a_plugin_instruction_on_a_route_without_the_plugin_creates_no_guest(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    routes = [
+        {"path": "/", "upstream": "app", "guest": True, "instructions": ["cart"],
+         "disable_plugins": ["cart"]},
+    ]  # fmt: skip
+    gw = await make_gateway(routes=routes, plugins=["cart"])
+    upstream.reply_headers("/page", ("X-Session-Cart-Add", "sku=a; price=1"))
+    resp = await gw.get("/page")
+    assert resp.status == 200 and "Set-Cookie" not in resp.headers
+    assert rdb.keys("session:*") == []
+    # A malformed X-Session-Set creates none either.
+    upstream.reply_headers("/page", ("X-Session-Set", "no equals sign"))
+    await gw.get("/page")
+    assert rdb.keys("session:*") == []
+
+
+async def test_admin_actions_revoke_without_a_request(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """The session actions an admin API calls (sessions/actions.py) end sessions and run
+    the plugins' hooks (the cart goes) with no request at all."""
+    from gateway.app import RUNTIME
+
+    from .conftest import login
+
+    gw = await make_gateway(plugins=["cart"])
+    tokens = []
+    for _ in range(3):
+        gw.session.cookie_jar.clear()
+        tokens.append(await login(gw, upstream, "9"))
+    ids = [hashlib.sha256(t.encode()).hexdigest() for t in tokens]
+    for i in ids:
+        rdb.hset(f"cart:{i}", "item:a", "a|1|1.00")
+    actions = gw.server.app[RUNTIME].sessions.actions
+    assert await actions.revoke(ids[0]) is True
+    assert await actions.revoke(ids[0]) is False
+    assert not rdb.exists(f"session:{ids[0]}") and not rdb.exists(f"cart:{ids[0]}")
+    assert await actions.revoke_user("9") == 2
+    assert rdb.keys("session:*") == [] and rdb.keys("cart:*") == []
+    gw.session.cookie_jar.clear()
+    await gw.get("/page", headers={"Cookie": f"sid={tokens[1]}"})
+    assert upstream.last.header("X-Session-Authenticated") == "false"

@@ -649,3 +649,65 @@ async def test_websocket_upstream_gets_the_canonical_target(
         writer.close()
     assert status_of(head) == 101
     assert [r.raw_path for r in upstream.received] == ["/ws/chat?room=%2f"]
+
+
+# -- the forwarded path reads as the raw one did (found by review) ---------------------------
+
+TOKENS = [
+    "a", "account", "ACCOUNT", "static", "x", "", ".", "..", "...", "..;", ";x", "..;x",
+    "%2e", "%2E%2e", "%252e%252e", "%2f", "%5c", "\\", "a\\..", ".%20", "..%20", "%20",
+    "b.", "Account.", "%41ccount", ";jsessionid=1",
+]  # fmt: skip
+
+
+def test_the_forwarded_path_is_read_the_same_way_again() -> None:
+    """Whatever ``resolve`` accepts, resolving the path it forwards picks the same route
+    and is accepted too: removing dot segments must not bring together pieces that only
+    another server reads as a climb (``/a/..;/account/x/..;/..``)."""
+    import random
+
+    from gateway.config import PathSettings
+
+    settings = parse_settings(
+        {
+            "upstreams": {"a": {"servers": ["http://x:1"]}},
+            "routes": [
+                {"path": "/static/", "upstream": "a", "session": "none"},
+                {"path": "/account/", "upstream": "a", "session": "required"},
+                {"path": "/", "upstream": "a"},
+            ],
+        }
+    )
+    router = Router(settings.routes, PathSettings())
+    rng = random.Random(1234)
+    accepted = 0
+    for _ in range(20_000):
+        raw = "/" + "/".join(rng.choice(TOKENS) for _ in range(rng.randint(1, 6)))
+        try:
+            path, route = router.resolve(raw, "GET", "h")
+        except PathError:
+            continue
+        accepted += 1
+        again, route_again = router.resolve(path, "GET", "h")
+        assert (again, route_again) == (path, route), raw
+    assert accepted > 1000  # the generator is not refused wholesale
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/a/..;/account/x/..;/..",
+        "/.../account/x/.../..",
+        "/a\\../account/a\\../..",
+        "/ACCOUNT./..;/profile",
+        "/a\\..;/account/x/.../..",
+        "/static/%252e%252e/account/x",
+        "/static/..%20/account/x",
+    ],
+)
+def test_segments_that_climb_for_another_server_are_refused(raw: str) -> None:
+    with pytest.raises(PathError):
+        Router(parse_settings({
+            "upstreams": {"a": {"servers": ["http://x:1"]}},
+            "routes": [{"path": "/account/", "upstream": "a"}, {"path": "/", "upstream": "a"}],
+        }).routes).resolve(raw, "GET", "h")  # fmt: skip

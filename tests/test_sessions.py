@@ -585,12 +585,16 @@ async def test_guests_only_when_needed_and_capped_per_address(
 
     upstream.reply_headers("/shop/cart", ("X-Session-Set", "theme=dark"))
     created = []
+    statuses = []
     for _ in range(12):
         resp = await get_as(gw, "/shop/cart", None)
-        assert resp.status == 200
+        statuses.append(resp.status)
         created += sid_cookies(resp)
     assert len(created) == 5
     assert len(rdb.keys("session:*")) == 5
+    # Past the cap the visitor is told (429), not left to believe the change was kept.
+    assert statuses == [200] * 5 + [429] * 7
+    assert resp.headers["Retry-After"] == "60"
 
 
 async def test_non_guest_route_creates_no_session(

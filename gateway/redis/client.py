@@ -35,6 +35,9 @@ def make_client(url: str, settings: RedisSettings) -> RedisClient:
         socket_timeout=settings.timeout,
         socket_connect_timeout=settings.connect_timeout,
         decode_responses=True,
+        # A stored value that is not UTF-8 (written by other software) must not make a
+        # read fail: its bytes survive as lone surrogates (headers.encode_value).
+        encoding_errors="surrogateescape",
         health_check_interval=30,
     )
     # No retries (redis-py's default with a pool given): a failed call is the route's

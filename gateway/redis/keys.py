@@ -5,7 +5,7 @@ The layout is contract (DESIGN.md): ``session:<id>``, ``cart:<id>``,
 here (``keys.of("cart", key_id)``) rather than concatenating strings, so the prefix and
 the hash tags apply to them too.
 
-Hash tags (for Redis Cluster, ``redis.cluster``): every key about one session carries the
+Hash tags (for Redis Cluster; off for a single node): every key about one session carries the
 session's key id as its tag (``session:{<id>}``, ``cart:{<id>}``, ``viewed:{<id>}``), so
 what one request touches about one session lives in one slot; every key about one user
 carries the user's (``user_sessions:{u:<uid>}``); the user's tag is prefixed so that a

@@ -56,7 +56,8 @@ _PROBE = object()
 
 
 class LinkDown(ConnectionError):
-    """The tracking link is not up; the caller uses the ordinary pool instead."""
+    """The tracking link is not up (or went down during a call): the activity writer
+    sends through the pool instead; a session read fails like any Redis failure."""
 
 
 class TrackingLink:
@@ -78,6 +79,9 @@ class TrackingLink:
             url,
             protocol=3,
             decode_responses=True,
+            # As the pool's (client.py): a value that is not UTF-8 must not break the
+            # link, which would turn the near-cache off for every session.
+            encoding_errors="surrogateescape",
             socket_timeout=timeout,
             socket_connect_timeout=connect_timeout,
         )

@@ -67,7 +67,6 @@ class Session:
     id: str  # X-Session-Id: sha256 of the token, whatever the key layout
     fields: dict[str, str]
     deadline: float  # absolute expiry (epoch seconds)
-    new: bool = False  # a guest created by this request: it has no cart or history yet
 
     @property
     def authenticated(self) -> bool:

@@ -163,7 +163,6 @@ class SessionStore:
             id=public_id(token),
             fields={"login_time": ts(now), "last_activity": ts(now), "page_views": "0"},
             deadline=now + self.settings.absolute_ttl,
-            new=True,
         )
 
     async def login(self, old: Session | None, fields: dict[str, str]) -> tuple[Session, list[str]]:
@@ -223,12 +222,8 @@ class SessionStore:
     async def count_guest(self, bucket: str) -> int:
         """Count one more guest for this client address; the count of this minute."""
         key = self.keys.guest_counter(bucket)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(key, 0, ex=60, nx=True)
-            pipe.incr(key)
-            _WRITES.inc(2)
-            res = await pipe.execute()
-        return int(res[1])
+        count = await _COUNT_GUEST.run(self.redis.execute_command, [key])
+        return int(count)
 
     async def create(self, session: Session) -> None:
         """Write a new anonymous (guest) session."""
@@ -283,6 +278,17 @@ class SessionStore:
                 self.forget(*ids)
                 yield ids
 
+
+# KEYS[1] = the address's guest counter. Atomic, so the counter always has its TTL (SET
+# NX EX then INCR could lose it to an expiry in between: a counter for ever).
+_COUNT_GUEST = Script(
+    """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 or redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], 60) end
+return n
+""",
+    op="session_write",
+)
 
 _HSET_IF_EXISTS = Script(
     """
