@@ -245,6 +245,11 @@ class PageCache(Plugin):
         if self.config.report:
             ctx.state[OUTCOME] = (outcome, age)
 
+    async def sessions_deleted(self, key_ids: list[str]) -> None:
+        if self.config.report and key_ids:
+            async with asyncio.timeout(self.services.redis_timeout):
+                await self.services.redis.delete(*[self._report_key(k) for k in key_ids])
+
     async def _report(self, ctx: RequestContext) -> None:
         # Written before the answer goes out (not behind, in complete): the report must
         # be there for the session's very next request, however quick.

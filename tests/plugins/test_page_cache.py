@@ -340,7 +340,7 @@ async def test_report_tells_the_backend_what_the_cache_did_for_the_session(
 ) -> None:
     upstream.routes["/products/r"] = page(("Cache-Control", "public, max-age=0, s-maxage=30"))
     upstream.reply_headers("/start", ("X-Session-Set", "seen=1"))
-    routes = [dict(r, instructions=["login", "set"]) for r in ROUTES]
+    routes = [dict(r, instructions=["login", "set", "logout"]) for r in ROUTES]
     gw = await make_gateway(routes=routes, plugins=[{"page_cache": {"report": True}}])
     await gw.get("/start")  # a guest session
 
@@ -363,6 +363,10 @@ async def test_report_tells_the_backend_what_the_cache_did_for_the_session(
     assert (await told())["outcome"] == "bypass-logged-in"
     sid = upstream.last.header("X-Session-Id")
     assert 0 < rdb.ttl(f"pagecache_last:{sid}") <= 600  # the session's idle TTL
+    # The report goes with its session.
+    upstream.reply_headers("/bye", ("X-Session-Logout", "this"))
+    await gw.get("/bye")
+    assert not rdb.exists(f"pagecache_last:{sid}")
 
 
 async def test_no_report_unless_asked(make_gateway: GatewayFactory, upstream: Upstream) -> None:
