@@ -128,7 +128,7 @@ class RedisLens:
             size = len(pairs)
         elif kind == "zset":
             top = await self.client.zrevrange(name, 0, MAX_FIELDS - 1, withscores=True)
-            pairs = [(str(m), f"{s:g}") for m, s in top]
+            pairs = [(str(m), f"{s:.0f}" if s == int(s) else f"{s:.3f}") for m, s in top]
             size = int(await self.client.zcard(name))
         elif kind == "string":
             pairs = [("", str(await self.client.get(name))[:200])]

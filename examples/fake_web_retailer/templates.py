@@ -240,8 +240,9 @@ def _ttl(seconds: int) -> str:
     if seconds < 7200:
         return f"{seconds // 60} min"
     if seconds < 2 * 86400:
-        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-    return f"{seconds // 86400} days"
+        minutes = seconds % 3600 // 60
+        return f"{seconds // 3600} h {minutes} min" if minutes else f"{seconds // 3600} h"
+    return f"{round(seconds / 86400)} days"
 
 
 def _kv_table(pairs: list[tuple[str, str]], table_id: str, empty: str) -> str:
@@ -315,7 +316,7 @@ def inspector_page(
     else:
         krows = []
         for k in keys.keys:
-            content = ", ".join(f"{a}={b}" if b else a for a, b in k.fields)
+            content = ", ".join(f"{a}={b}" if a and b else a or b for a, b in k.fields)
             if k.more:
                 content += f" … and {k.more} more"
             krows.append(
@@ -326,6 +327,12 @@ def inspector_page(
             '<table id="redis-keys"><tr><th>key</th><th>type</th><th>expires in</th>'
             f"<th>holds</th></tr>{''.join(krows)}</table>"
         )
+    no_session = (
+        ""
+        if "X-Session-Id" in received or mode != "gateway"
+        else '<p id="no-session">No session yet: looking around creates none. The first '
+        "thing the shop stores for you (a cart) does.</p>"
+    )
     writes_class = "ok" if writes == 0 else "warn"
     explain = (
         "gateway mode: sessions live in Redis, and the shop never writes one"
@@ -336,7 +343,7 @@ def inspector_page(
 <section><h2>Headers this request brought</h2>
 <p class="muted">The gateway removed any <code>X-Session-*</code> header the browser sent, then
 added these. They describe the session as it stood before this request.</p>
-{_kv_table(received_rows, "received", "None: no session yet (browsing creates none).")}
+{_kv_table(received_rows, "received", "None.")}{no_session}
 </section>
 <section><h2>Your last action</h2>{last}</section>
 <section><h2>The session in Redis</h2>{redis_part}</section>
