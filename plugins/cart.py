@@ -294,8 +294,11 @@ class Cart(Plugin):
             return
         self._remember(new.key_id, uid)
         # A guest's cart comes along. The same user's old session shares the cart
-        # already; another user's cart stays that user's.
-        guest_key = self._key(old.key_id) if old is not None and not old.authenticated else None
+        # already; another user's cart stays that user's. Either way the old session's
+        # own cart:<id> goes with it (a signed-in session has one only from before
+        # per-user carts, kept in step with user_cart:<user_id> then).
+        old_key = self._key(old.key_id) if old is not None else None
+        guest_key = old_key if old is not None and not old.authenticated else None
         timeout = self.services.redis_timeout
         guest: dict[str, str] = {}
         if guest_key is not None:
@@ -315,8 +318,8 @@ class Cart(Plugin):
         report = old is None or old.user_id != uid
         async with asyncio.timeout(timeout):
             async with self.services.redis.pipeline(transaction=False) as pipe:
-                if guest_key is not None:
-                    pipe.delete(guest_key)
+                if old_key is not None:
+                    pipe.delete(old_key)
                 if saved and report:
                     # The backend hears of it on the session's next request (a login's
                     # answer is usually a redirect): "2 items from your earlier visit".

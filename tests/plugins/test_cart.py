@@ -325,8 +325,13 @@ async def test_one_cart_shared_by_every_session_of_a_user_and_the_merge_reported
     assert (await laptop.look())["Total"] == "8.60"
 
     # Logging in again as the same user keeps the cart as it is: no double counting, no
-    # report. Another user on that browser does not inherit user 42's cart.
+    # report. Another user on that browser does not inherit user 42's cart. A cart:<id>
+    # of a signed-in session (from before per-user carts) goes with its session.
+    await laptop.get("/look")
+    old_sid = upstream.last.header("X-Session-Id")
+    rdb.hset(f"cart:{old_sid}", mapping={"item:old": "old|1|1.00"})
     await laptop.login("42")
+    assert not rdb.exists(f"cart:{old_sid}")
     assert await laptop.look() == {"Items": "4", "Total": "8.60", "Merged": None}
     await laptop.login("43")
     assert await laptop.look() == {"Items": "0", "Total": "0.00", "Merged": None}
