@@ -15,11 +15,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # redis-server is needed by the tests (they start their own on free ports) and by the
-# embedded Redis mode of the demo; apt-get only runs when it is missing.
+# embedded Redis mode of the demo; chromium and chromium-driver by the browser test of
+# the demo (tests/test_browser_demo.py). apt-get only runs when one is missing.
 system-deps:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server with apt-get"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { \
+	  echo "installing chromium and chromium-driver with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    chromium chromium-driver; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway plugins tests bench examples

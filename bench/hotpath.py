@@ -73,7 +73,7 @@ async def measure(rounds: int, per_round: int) -> list[float]:
                 await gw.resolver.resolve(ctx)
                 assert ctx.session is not None
                 gw.outbound.build(ctx)
-                gw.record_activity(ctx)
+                gw.record_activity(ctx, 200)
             out.append((time.perf_counter() - started) / per_round * 1e6)
             sessions.activity._pending.clear()
         table.close()

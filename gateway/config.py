@@ -128,6 +128,48 @@ class ActivitySettings(_Frozen):
     # One flush call's budget; a flush that exceeds it is retried under the same batch id.
     flush_timeout: float = Field(2.0, gt=0)
     shutdown_timeout: float = Field(5.0, gt=0)
+    # What counts as a page view (sessions/pageviews.py): these methods answered with
+    # these statuses ("2xx" or a code), except ignored paths (exact, or a prefix ending
+    # in "/") and static files (by extension).
+    count_methods: tuple[str, ...] = ("GET", "HEAD")
+    count_statuses: tuple[str, ...] = ("2xx", "3xx")
+    ignore_paths: tuple[str, ...] = ("/favicon.ico", "/robots.txt", "/apple-touch-icon.png")
+    static_extensions: tuple[str, ...] = (
+        ".css", ".js", ".mjs", ".map", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".ico",
+        ".webp", ".avif", ".woff", ".woff2", ".ttf", ".otf",
+    )  # fmt: skip
+
+    @field_validator("count_methods")
+    @classmethod
+    def _methods(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not re.fullmatch(r"[A-Za-z]+", m) for m in v):
+            raise ValueError("must list HTTP methods (GET, HEAD, ...)")
+        return tuple(m.upper() for m in v)
+
+    @field_validator("count_statuses", mode="before")
+    @classmethod
+    def _statuses(cls, v: Any) -> tuple[str, ...]:
+        # YAML reads 204 as a number and 2xx as a string: both are accepted.
+        if not isinstance(v, list | tuple):
+            raise ValueError('must list status classes ("2xx") or codes (204)')
+        out = tuple(str(s).lower() for s in v)
+        if any(not re.fullmatch(r"[1-5](xx|[0-9][0-9])", s) for s in out):
+            raise ValueError('must list status classes ("2xx") or codes (204)')
+        return out
+
+    @field_validator("ignore_paths")
+    @classmethod
+    def _ignore_paths(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not p.startswith("/") for p in v):
+            raise ValueError("must list paths starting with /")
+        return v
+
+    @field_validator("static_extensions")
+    @classmethod
+    def _extensions(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not re.fullmatch(r"\.[A-Za-z0-9]+", e) for e in v):
+            raise ValueError('must list extensions such as ".css"')
+        return v
 
 
 class UpstreamSettings(_Frozen):

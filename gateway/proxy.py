@@ -39,6 +39,7 @@ from .plugin import RequestContext, ResponseHead
 from .responses import text_response, unavailable
 from .routing import RouteTable
 from .sessions.layer import SessionLayer
+from .sessions.pageviews import PageViews
 from .upstream import UpstreamFailure
 from .upstream_client import UpstreamResponse
 from .websocket import is_websocket, proxy_websocket
@@ -86,6 +87,7 @@ class Gateway:
         self.proxies = TrustedProxies(settings.trusted_proxies)
         self.outbound = UpstreamHeaders(settings, self.proxies)
         self.holds = AddressHolds(settings.limits.upstream_per_address)
+        self.pageviews = PageViews(settings.activity)
         self._refusals = Throttle()
         self._request_counters: dict[tuple[str, int], Any] = {}
 
@@ -297,7 +299,7 @@ class Gateway:
         head = ResponseHead(upstream_resp.status, headers, from_upstream=True)
         if not await self.chain.response(ctx, head):
             return unavailable()
-        self.record_activity(ctx)
+        self.record_activity(ctx, head.status)
         length = upstream_resp.content_length
         if (
             length is not None
@@ -387,17 +389,25 @@ class Gateway:
             answer.set_status(head.status)
             answer.headers.clear()
             answer.headers.update(head.headers)
-        self.record_activity(ctx)
+        self.record_activity(ctx, answer.status)
         self.chain.complete(ctx)
         return answer
 
-    def record_activity(self, ctx: RequestContext) -> None:
+    def record_activity(self, ctx: RequestContext, status: int) -> None:
+        """This request's activity, if it has any (activity.* rules, sessions/pageviews.py),
+        recorded behind: the backend saw the session as it was before the request."""
         s = ctx.session
         # A login wrote the new session's activity fields itself: this request belongs
         # to the session it replaced.
         if s is None or not ctx.redis_ok or ctx.logged_in:
             return
+        kind = self.pageviews.classify(ctx.request.method, ctx.path, status)
+        if kind is None:
+            return
+        key = self.sessions.keys.session(s.key_id)
+        if kind == "touch":
+            self.sessions.activity.touch(key, s.deadline)
+            return
         # The canonical path is visible ASCII (the decoded one may hold lone surrogates
         # that would break the activity flush for every other session).
-        page = ctx.path[:MAX_PAGE]
-        self.sessions.activity.record(self.sessions.keys.session(s.key_id), page, s.deadline)
+        self.sessions.activity.record(key, ctx.path[:MAX_PAGE], s.deadline)

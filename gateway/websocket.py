@@ -68,7 +68,7 @@ async def proxy_websocket(
             return text_response(504, "gateway timeout: upstream WebSocket handshake")
     if upstream_ws is None:
         return text_response(502, "bad gateway: upstream refused the connection")
-    gw.record_activity(ctx)
+    gw.record_activity(ctx, 101)
     client_ws = web.WebSocketResponse(
         protocols=[upstream_ws.protocol] if upstream_ws.protocol else ()
     )

@@ -1,4 +1,4 @@
-"""The shopping cart: ``cart:<id>`` changed only by the backend's X-Session-Cart-* headers.
+"""The shopping cart, changed only by the backend's X-Session-Cart-* headers.
 
 Layout (DESIGN.md, contract)::
 
@@ -6,15 +6,18 @@ Layout (DESIGN.md, contract)::
                      total_items -> "3"          (sum of quantities)
                      total_value -> "1029.97"    (exact, two decimals)
 
-Every change runs as one Lua script that recomputes the totals from the items, so the
-totals equal the items after any interleaving of concurrent changes. Money never touches
-a float in Python or a fractional number in Lua: prices travel and are summed as integer
-cents, which a Lua double holds exactly below 2^53 (the script refuses a cart whose total
-would pass ``MAX_TOTAL_CENTS``, far below that).
+One cart per signed-in user: a guest's cart is ``cart:<id>`` (the session's), a signed-in
+user's is ``user_cart:<user_id>`` (same layout, in the user's hash slot), shared by all of
+that user's sessions and devices. At login the guest's cart is merged into the user's
+and deleted, and the session's next request tells the backend what the merge did
+(``X-Session-Cart-Merged``). The user's cart lives at least as long as any session of
+the user can (``session.absolute_ttl`` after the last login or change), and with
+``persist_user_cart`` ``user_cart_ttl`` after its last change, so it is there at the next
+login on any device.
 
-Login: the old session's cart moves to the new session. With ``persist_user_cart`` an
-authenticated session's cart is mirrored into ``user_cart:<user_id>`` on every change,
-and that copy is merged in at the next login, so a user finds the cart on a new device.
+Every change runs as one Lua script (plugins/cart_scripts.py) that recomputes the totals
+from the items, so the totals equal the items after any interleaving of concurrent
+changes, from one session or from all of a user's at once.
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from aiohttp import web
 from prometheus_client import Counter
 from pydantic import Field
 
+from gateway.errors import REDIS_FAILURES
 from gateway.headers import parse_params
 from gateway.instructions import dropped
-from gateway.plugin import Commands, Plugin, PluginConfig, RequestContext
+from gateway.plugin import Commands, Plugin, PluginConfig, RequestContext, Services
 from gateway.sessions import Session
+
+from .cart_scripts import APPLY, MERGE
 
 log = logging.getLogger("plugins.cart")
 
@@ -46,190 +52,6 @@ PRICE_RE = re.compile(r"([0-9]{1,9})(?:\.([0-9]{1,2}))?")
 QTY_RE = re.compile(r"[0-9]{1,4}")
 MAX_QTY = 9999
 MAX_TOTAL_CENTS = 10**15  # 10 trillion in major units; exact in a double (< 2^53)
-
-# Shared Lua: parse "<sku>|<qty>|<price>" into integer cents (a leading "$", as in the
-# case study's sample data, is tolerated on read) and format cents back to "123.45".
-_LUA_COMMON = """
-local MAX_TOTAL = 1000000000000000
-local MAX_QTY = 9999
--- Fields that are not items this script understands (legacy formats such as
--- "1,299.00"): kept, renamed unparsed:<field>, so no data is lost and the totals still
--- equal the items.
-local preserved = {}
-local function cents_of(p)
-  if string.sub(p, 1, 1) == '$' then p = string.sub(p, 2) end
-  local i, f = string.match(p, '^(%d+)%.?(%d?%d?)$')
-  if not i or #i > 9 then return nil end
-  if f == '' then f = '00' elseif #f == 1 then f = f .. '0' end
-  return tonumber(i) * 100 + tonumber(f)
-end
-local function parse(v)
-  local sku, q, p = string.match(v, '^([^|]+)|(%d+)|([^|]+)$')
-  if not sku then return nil end
-  local c = cents_of(p)
-  if not c then return nil end
-  return sku, tonumber(q), c
-end
-local function money(c)
-  local r = c % 100
-  return string.format('%.0f.%02d', (c - r) / 100, r)
-end
-local function read_items(key)
-  local all = redis.call('HGETALL', key)
-  local items, order = {}, {}
-  for i = 1, #all, 2 do
-    if string.sub(all[i], 1, 5) == 'item:' then
-      local sku, q, c = parse(all[i + 1])
-      if sku then
-        items[sku] = {q, c}
-        table.insert(order, sku)
-      else
-        table.insert(preserved, {'unparsed:' .. all[i], all[i + 1]})
-      end
-    elseif string.sub(all[i], 1, 9) == 'unparsed:' then
-      table.insert(preserved, {all[i], all[i + 1]})
-    end
-  end
-  return items, order
-end
-local function write_cart(key, items, order, ttl)
-  redis.call('DEL', key)
-  local qty, cents, args, seen = 0, 0, {}, {}
-  for _, sku in ipairs(order) do
-    local it = items[sku]
-    if it and it[1] > 0 and not seen[sku] then
-      seen[sku] = true
-      qty = qty + it[1]
-      cents = cents + it[1] * it[2]
-      table.insert(args, 'item:' .. sku)
-      table.insert(args, sku .. '|' .. it[1] .. '|' .. money(it[2]))
-    end
-  end
-  if #args > 0 then
-    table.insert(args, 'total_items')
-    table.insert(args, tostring(qty))
-    table.insert(args, 'total_value')
-    table.insert(args, money(cents))
-  end
-  for _, kv in ipairs(preserved) do
-    table.insert(args, kv[1])
-    table.insert(args, kv[2])
-  end
-  if #args > 0 then
-    redis.call('HSET', key, unpack(args))
-    redis.call('EXPIRE', key, ttl)
-  end
-  return qty, cents
-end
-local function total_of(items)
-  local cents = 0
-  for _, it in pairs(items) do cents = cents + it[1] * it[2] end
-  return cents
-end
-local function mirror(src, dst, ttl)
-  redis.call('DEL', dst)
-  local all = redis.call('HGETALL', src)
-  if #all > 0 then
-    redis.call('HSET', dst, unpack(all))
-    redis.call('EXPIRE', dst, ttl)
-  end
-end
-"""
-
-# KEYS[1] = cart, KEYS[2] = its session (the change is skipped when that is gone),
-# KEYS[3] = user copy (only for an authenticated session that keeps one)
-# ARGV = ttl, max_items, user_ttl, then per instruction: op, sku, qty, cents
-# Returns {total_items, total_value, outcome per instruction}.
-_APPLY = (
-    _LUA_COMMON
-    + """
-local ttl, max_items, user_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  -- The session is gone (a login moved its cart, or a logout): an orphan cart under
-  -- its id would only hold the item out of the user's sight.
-  local out = {'0', '0.00'}
-  for i = 4, #ARGV, 4 do table.insert(out, 'no-session') end
-  return out
-end
-local items, order = read_items(KEYS[1])
-local n = #order
-local outcomes = {}
-for i = 4, #ARGV, 4 do
-  local op, sku, q, c = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-  local it = items[sku]
-  local outcome = 'applied'
-  if op == 'clear' then
-    items, order, n = {}, {}, 0
-  elseif op == 'remove' then
-    if not it then
-      outcome = 'not-in-cart'
-    elseif q == 0 or it[1] <= q then
-      items[sku] = nil
-      n = n - 1
-    else
-      it[1] = it[1] - q
-    end
-  elseif op == 'add' then
-    local old_q, old_c = 0, 0
-    if it then old_q, old_c = it[1], it[2] end
-    local new_q = math.min(old_q + q, MAX_QTY)
-    if not it and n >= max_items then
-      outcome = 'cart-full'
-    elseif total_of(items) - old_q * old_c + new_q * c > MAX_TOTAL then
-      outcome = 'total-too-large'
-    else
-      if not it then
-        table.insert(order, sku)
-        n = n + 1
-      end
-      items[sku] = {new_q, c}
-      if new_q < old_q + q then outcome = 'qty-capped' end
-    end
-  end
-  table.insert(outcomes, outcome)
-end
-local qty, cents = write_cart(KEYS[1], items, order, ttl)
-if KEYS[3] then mirror(KEYS[1], KEYS[3], user_ttl) end
-local out = {tostring(qty), money(cents)}
-for _, o in ipairs(outcomes) do table.insert(out, o) end
-return out
-"""
-)
-
-# KEYS[1] = new session's cart, KEYS[2] = old session's cart, KEYS[3] = user copy
-# ARGV = ttl, max_items, user_ttl, take_old, take_user, keep_user_copy
-# User copy first, then the old (guest) cart: quantities of one sku add up (capped), the
-# guest's price wins as the more recent one. Returns {total_items, dropped items}.
-_MERGE = (
-    _LUA_COMMON
-    + """
-local ttl, max_items, user_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local items, order = read_items(KEYS[1])
-local dropped = 0
-local function absorb(key)
-  local more, more_order = read_items(key)
-  for _, sku in ipairs(more_order) do
-    local add, it = more[sku], items[sku]
-    local old_q, old_c = 0, 0
-    if it then old_q, old_c = it[1], it[2] end
-    local new_q = math.min(old_q + add[1], MAX_QTY)
-    if (not it and #order >= max_items)
-        or total_of(items) - old_q * old_c + new_q * add[2] > MAX_TOTAL then
-      dropped = dropped + 1
-    else
-      if not it then table.insert(order, sku) end
-      items[sku] = {new_q, add[2]}
-    end
-  end
-end
-if ARGV[5] == '1' then absorb(KEYS[3]) end
-if ARGV[4] == '1' then absorb(KEYS[2]) end
-local qty = write_cart(KEYS[1], items, order, ttl)
-if KEYS[2] ~= KEYS[1] then redis.call('DEL', KEYS[2]) end
-if ARGV[6] == '1' then mirror(KEYS[1], KEYS[3], user_ttl) end
-return {tostring(qty), dropped}
-"""
-)
 
 
 @dataclass(slots=True)
@@ -268,12 +90,20 @@ def parse(values: dict[str, str]) -> list[CartInstruction]:
 
 
 class CartConfig(PluginConfig):
-    ttl: int = Field(86400, gt=0, description="seconds a cart lives after its last change")
+    ttl: int = Field(86400, gt=0, description="seconds a guest's cart lives after its last change")
     max_items: int = Field(100, gt=0, le=1000, description="distinct skus per cart")
+    # A signed-in user's cart is kept user_cart_ttl after its last change (it is there at
+    # the next login); false: it ends with the user's sessions (session.absolute_ttl
+    # after the last login or change).
     persist_user_cart: bool = True
     user_cart_ttl: int = Field(30 * 86400, gt=0)
     contents_header: bool = False
     max_contents_bytes: int = Field(2048, ge=64, le=65536)
+
+
+STATE = "cart"
+OWNER_MEMO = 10_000  # session key ids whose user this process knows
+MERGE_NOTE_TTL = 300  # seconds a merge report waits for the session's next request
 
 
 def _cents(price: str) -> int | None:
@@ -332,9 +162,22 @@ class Cart(Plugin):
 
     config: CartConfig
 
+    def __init__(self, config: CartConfig, services: Services) -> None:
+        super().__init__(config, services)
+        absolute = services.settings.session.absolute_ttl
+        # Never shorter than a session can live: every session of the user shares it.
+        kept = config.user_cart_ttl if config.persist_user_cart else 0
+        self._user_ttl = max(absolute, kept)
+        # Session key id -> user id. A session's user never changes (a login always makes
+        # a new session), so an entry is never wrong, only gone: it lets prefetch read a
+        # signed-in session's cart (named by the user) with the session lookup.
+        self._owner: dict[str, str] = {}
+
     async def startup(self) -> None:
-        self._apply = self.services.script(_APPLY)
-        self._merge = self.services.script(_MERGE)
+        self._apply = self.services.script(APPLY)
+        self._merge = self.services.script(MERGE)
+
+    # -- key names ------------------------------------------------------------------------
 
     def _key(self, key_id: str) -> str:
         return self.services.keys.of("cart", key_id)
@@ -342,29 +185,62 @@ class Cart(Plugin):
     def _user_key(self, user_id: str) -> str:
         return self.services.keys.of_user("user_cart", user_id)
 
+    def _note_key(self, key_id: str) -> str:
+        return self.services.keys.of("cart_merged", key_id)
+
+    def cart_key(self, session: Session) -> str:
+        """The cart this session sees and changes: its user's, or its own (a guest)."""
+        uid = session.user_id
+        return self._user_key(uid) if uid else self._key(session.key_id)
+
+    def _remember(self, key_id: str, user_id: str) -> None:
+        if key_id in self._owner:
+            return
+        if len(self._owner) >= OWNER_MEMO:
+            self._owner.pop(next(iter(self._owner)))
+        self._owner[key_id] = user_id
+
     # -- towards the backend ------------------------------------------------------------
 
     def prefetch(self, ctx: RequestContext, key_id: str) -> Commands:
-        # The cart rides along with the session lookup: no round trip of its own.
-        return (("HGETALL", self._key(key_id)),)
+        # The cart and a pending merge report ride along with the session lookup: no
+        # round trip of their own, once this process knows whose session it is.
+        uid = self._owner.get(key_id)
+        key = self._user_key(uid) if uid else self._key(key_id)
+        ctx.state[STATE] = key
+        return (("HGETALL", key), ("GET", self._note_key(key_id)))
 
     async def request(self, ctx: RequestContext) -> web.StreamResponse | None:
         s = ctx.session
         if s is None or not ctx.redis_ok:
             return None
+        key = self.cart_key(s)
+        if s.user_id:
+            self._remember(s.key_id, s.user_id)
         fields: dict[str, str] = {}
-        # Nothing prefetched: no lookup was made for this request (a session adopted from a
-        # plugin source has no cart yet).
+        note: str | None = None
         pre = ctx.prefetched.get(self.name)
-        if pre:
-            if isinstance(pre[0], Exception):
-                CART_READ_ERRORS.inc()
-                log.warning("cart read failed: %s", pre[0])
-                return None
-            fields = cast(dict[str, str], pre[0])
+        try:
+            if pre and isinstance(pre[0], Exception):
+                raise pre[0]
+            if pre and ctx.state.get(STATE) == key:
+                fields = cast(dict[str, str], pre[0])
+            else:
+                # Read the wrong cart (a signed-in session this process had not seen),
+                # or none at all (a session a plugin source found): read it now.
+                async with asyncio.timeout(self.services.redis_timeout):
+                    fields = cast(dict[str, str], await self.services.redis.hgetall(key))
+            if pre and isinstance(pre[1], str):
+                note = await self._take_note(s.key_id, pre[1])
+        except REDIS_FAILURES as e:
+            CART_READ_ERRORS.inc()
+            log.warning("cart read failed: %s: %s", type(e).__name__, e)
+            return None
         h = ctx.session_headers
         h["X-Session-Cart-Items"] = fields.get("total_items", "0")
         h["X-Session-Cart-Total"] = fields.get("total_value", "0.00")
+        if note is not None:
+            h["X-Session-Cart-Merged"] = note
         if self.config.contents_header:
             entries = [f"{sku}|{q}|{p}" for sku, q, p in parse_cart(fields)]
             text, truncated = _bounded(entries, self.config.max_contents_bytes)
@@ -373,6 +249,12 @@ class Cart(Plugin):
                 h["X-Session-Cart-Truncated"] = "true"
         return None
 
+    async def _take_note(self, key_id: str, note: str) -> str | None:
+        """The merge report, once: only the request that deletes it passes it on."""
+        async with asyncio.timeout(self.services.redis_timeout):
+            gone = await self.services.redis.delete(self._note_key(key_id))
+        return note if gone else None
+
     # -- from the backend -----------------------------------------------------------------
 
     async def instruction(self, ctx: RequestContext, values: dict[str, str]) -> None:
@@ -380,7 +262,12 @@ class Cart(Plugin):
         instructions = parse(values)
         if s is None or not instructions:
             return
-        args: list[str | int] = [self.config.ttl, self.config.max_items, self.config.user_cart_ttl]
+        if s.user_id:
+            keys = [self._user_key(s.user_id)]
+            args: list[str | int] = [self._user_ttl, self.config.max_items, 1]
+        else:
+            keys = [self._key(s.key_id), self.services.keys.session(s.key_id)]
+            args = [self.config.ttl, self.config.max_items, 0]
         kinds: list[str] = []
         for ins in instructions:
             enc = encode(ins)
@@ -392,9 +279,6 @@ class Cart(Plugin):
             kinds.append(ins.kind)
         if not kinds:
             return
-        keys = [self._key(s.key_id), self.services.keys.session(s.key_id)]
-        if self.config.persist_user_cart and s.user_id:
-            keys.append(self._user_key(s.user_id))
         async with asyncio.timeout(self.services.redis_timeout):
             res = cast(list[Any], await self._apply(keys=keys, args=args))
         for kind, outcome in zip(kinds, res[2:], strict=True):
@@ -402,40 +286,59 @@ class Cart(Plugin):
             if outcome != "applied":
                 log.warning("cart %s: %s", kind, outcome)
 
+    # -- moving with the session ----------------------------------------------------------
+
     async def session_rotated(self, old: Session | None, new: Session) -> None:
-        uid = new.user_id or ""
-        persist = self.config.persist_user_cart and bool(uid)
-        # A guest cart (or this user's own, on a re-login) comes along; another user's
-        # cart must not: it stays in that user's copy and its session cart is dropped.
-        take_old = old is not None and (not old.authenticated or old.user_id == uid)
-        # The same user's session cart already contains their copy: adding it again
-        # would double every quantity.
-        take_user = persist and not (old is not None and old.user_id == uid)
-        new_key = self._key(new.key_id)
-        old_key = self._key(old.key_id) if old is not None else new_key
-        async with asyncio.timeout(self.services.redis_timeout):
-            res = cast(
-                list[Any],
-                await self._merge(
-                    keys=[new_key, old_key, self._user_key(uid)],
-                    args=[
-                        self.config.ttl,
-                        self.config.max_items,
-                        self.config.user_cart_ttl,
-                        int(take_old),
-                        int(take_user),
-                        int(persist),
-                    ],
-                ),
-            )
-        if int(res[1]):
-            CART_INSTRUCTIONS.labels("merge", "cart-full").inc(int(res[1]))
-            log.warning("cart merge at login dropped %s items (cart full)", res[1])
+        uid = new.user_id
+        if not uid:
+            return
+        self._remember(new.key_id, uid)
+        # A guest's cart comes along. The same user's old session shares the cart
+        # already; another user's cart stays that user's. Either way the old session's
+        # own cart:<id> goes with it (a signed-in session has one only from before
+        # per-user carts, kept in step with user_cart:<user_id> then).
+        old_key = self._key(old.key_id) if old is not None else None
+        guest_key = old_key if old is not None and not old.authenticated else None
+        timeout = self.services.redis_timeout
+        guest: dict[str, str] = {}
+        if guest_key is not None:
+            # Read in the guest's slot, merged in the user's: one script cannot span both
+            # under Redis Cluster. Nothing changes the guest's cart meanwhile: its session
+            # is gone (the change script checks for it).
+            async with asyncio.timeout(timeout):
+                guest = cast(dict[str, str], await self.services.redis.hgetall(guest_key))
+        args: list[str | int] = [self._user_ttl, self.config.max_items]
+        args += [x for kv in guest.items() for x in kv]
+        async with asyncio.timeout(timeout):
+            res = cast(list[Any], await self._merge(keys=[self._user_key(uid)], args=args))
+        saved, brought, lost, total = (int(x) for x in res)
+        if lost:
+            CART_INSTRUCTIONS.labels("merge", "cart-full").inc(lost)
+            log.warning("cart merge at login dropped %s items (cart full)", lost)
+        report = old is None or old.user_id != uid
+        async with asyncio.timeout(timeout):
+            async with self.services.redis.pipeline(transaction=False) as pipe:
+                if old_key is not None:
+                    pipe.delete(old_key)
+                if saved and report:
+                    # The backend hears of it on the session's next request (a login's
+                    # answer is usually a redirect): "2 items from your earlier visit".
+                    # No spaces: X-Session-* values are percent-encoded beyond visible ASCII.
+                    note = f"saved_items={saved};guest_items={brought};total_items={total}"
+                    if lost:
+                        note += f";dropped={lost}"
+                    pipe.set(self._note_key(new.key_id), note, ex=MERGE_NOTE_TTL)
+                    CART_INSTRUCTIONS.labels("merge", "reported").inc()
+                if pipe.command_stack:
+                    await pipe.execute()
 
     async def sessions_deleted(self, key_ids: list[str]) -> None:
-        # The user's copy stays: that is what brings the cart back at the next login.
+        # A user's cart stays: other sessions share it, and the next login brings it back.
+        for k in key_ids:
+            self._owner.pop(k, None)
+        keys = [self._key(k) for k in key_ids] + [self._note_key(k) for k in key_ids]
         async with asyncio.timeout(self.services.redis_timeout):
-            await self.services.redis.delete(*[self._key(k) for k in key_ids])
+            await self.services.redis.delete(*keys)
 
 
 def _bounded(entries: list[str], limit: int) -> tuple[str, bool]:

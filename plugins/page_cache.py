@@ -25,6 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from aiohttp import web
@@ -36,12 +37,13 @@ from redis.client import NEVER_DECODE
 from gateway.errors import REDIS_FAILURES
 from gateway.headers import normalized
 from gateway.paths import item_of, item_pattern
-from gateway.plugin import Plugin, PluginConfig, RequestContext, ResponseHead
+from gateway.plugin import Commands, Plugin, PluginConfig, RequestContext, ResponseHead
 
 log = logging.getLogger("plugins.page_cache")
 
 CACHE = Counter("gateway_page_cache_total", "Page cache lookups and stores", ["outcome"])
 STATE = "page_cache"
+OUTCOME = "page_cache.outcome"
 _METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
 _UNCACHEABLE_VARY = frozenset({"cookie", "authorization", "proxy-authorization"})
 VARY_MEMO = 10_000  # URLs whose Vary names are remembered in-process
@@ -64,6 +66,9 @@ class PageCacheConfig(PluginConfig):
     ranking_key: str = Field("viewed:ranking", min_length=1)
     top_refresh: float = Field(5.0, gt=0)
     wait_timeout: float = Field(5.0, gt=0, description="how long followers wait")
+    # Tell the backend, on a session's next request, what the cache did for its last
+    # GET/HEAD of a cached path (X-Session-Page-Cache): for a debug page or a demo.
+    report: bool = False
 
     @field_validator("paths")
     @classmethod
@@ -135,6 +140,23 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def shared_ttl(cc: dict[str, str], default: int, cap: int) -> int | None:
+    """Seconds a shared cache may keep an answer with these Cache-Control directives, or
+    None when it must not. ``s-maxage`` is for shared caches only and wins over
+    ``max-age``, so a backend can say "browsers: revalidate every time (max-age=0);
+    the gateway: keep it 30 s (s-maxage=30)". ``private``, ``no-store`` and ``no-cache``
+    bind shared caches too (no-cache: not without revalidating, which this cache does
+    not do)."""
+    if {"private", "no-store", "no-cache"} & cc.keys():
+        return None
+    raw = cc["s-maxage"] if "s-maxage" in cc else cc.get("max-age")
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) == 0:
+        return None
+    return min(int(raw), cap)
+
+
 def cache_control(headers: CIMultiDict[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for value in headers.getall("Cache-Control", ()):
@@ -179,9 +201,14 @@ class PageCache(Plugin):
         )
 
     def _eligible(self, ctx: RequestContext) -> bool:
+        return self._on_path(ctx) and self._bypass(ctx) is None
+
+    def _bypass(self, ctx: RequestContext) -> str | None:
+        """Why a request on a cached path is neither served from the cache nor stored,
+        or None when it may be."""
         req = ctx.request
-        if not self._on_path(ctx) or "Authorization" in req.headers:
-            return False
+        if "Authorization" in req.headers:
+            return "authorization"
         # SECURITY: an answer may only be shared if nothing outside the key shaped it. A
         # GET body, or a method override a framework honours (Rails, Laravel, Symfony
         # read X-HTTP-Method-Override and friends), is invisible to the key: such a
@@ -189,17 +216,57 @@ class PageCache(Plugin):
         # reflects are its own to declare, in Vary (README: page_cache).
         h = req.headers
         if req.body_exists or "Transfer-Encoding" in h or h.get("Content-Length", "0") != "0":
-            return False
+            return "request-body"
         if any(normalized(n) in _METHOD_OVERRIDES for n in req.headers):
-            return False
+            return "method-override"
         s = ctx.session
         if s is not None and s.authenticated and not self.config.cache_authenticated:
-            return False
+            return "logged-in"
         if self.config.only_top:
             item = item_of(self._item_re, ctx.path)
             if item is None or item not in self._top:
-                return False
-        return True
+                return "not-top"
+        return None
+
+    # -- report: what the cache did for a session's last cached-path request ----------
+
+    def _report_key(self, key_id: str) -> str:
+        return self.services.keys.of("pagecache_last", key_id)
+
+    def prefetch(self, ctx: RequestContext, key_id: str) -> Commands:
+        return (("GET", self._report_key(key_id)),) if self.config.report else ()
+
+    def _tell_backend(self, ctx: RequestContext) -> None:
+        pre = ctx.prefetched.get(self.name)
+        if pre and isinstance(pre[0], str):
+            ctx.session_headers["X-Session-Page-Cache"] = pre[0]
+
+    def _outcome(self, ctx: RequestContext, outcome: str, age: int | None = None) -> None:
+        if self.config.report:
+            ctx.state[OUTCOME] = (outcome, age)
+
+    async def sessions_deleted(self, key_ids: list[str]) -> None:
+        if self.config.report and key_ids:
+            async with asyncio.timeout(self.services.redis_timeout):
+                await self.services.redis.delete(*[self._report_key(k) for k in key_ids])
+
+    async def _report(self, ctx: RequestContext) -> None:
+        # Written before the answer goes out (not behind, in complete): the report must
+        # be there for the session's very next request, however quick.
+        got = ctx.state.pop(OUTCOME, None)
+        s = ctx.session
+        if got is None or s is None:
+            return
+        outcome, age = got
+        value = f"outcome={outcome};path={quote(ctx.path, safe='/')};at={time.time():.3f}"
+        if age is not None:
+            value += f";age={age}"
+        ttl = self.services.settings.session.idle_ttl
+        try:
+            async with asyncio.timeout(self.services.redis_timeout):
+                await self.services.redis.set(self._report_key(s.key_id), value, ex=ttl)
+        except REDIS_FAILURES as e:
+            log.warning("page cache report failed: %s: %s", type(e).__name__, e)
 
     def _entry_key(self, base: str, request: web.Request, names: tuple[str, ...]) -> str:
         if not names:
@@ -210,7 +277,13 @@ class PageCache(Plugin):
     # -- request: hits, and waiting for a leader ----------------------------------------
 
     async def request(self, ctx: RequestContext) -> web.StreamResponse | None:
-        if not self._eligible(ctx):
+        if self.config.report:
+            self._tell_backend(ctx)
+        if not self._on_path(ctx):
+            return None
+        bypass = self._bypass(ctx)
+        if bypass is not None:
+            self._outcome(ctx, f"bypass-{bypass}")
             return None
         req = ctx.request
         # The canonical target, as sent upstream: every spelling of a URL shares one entry.
@@ -236,7 +309,7 @@ class PageCache(Plugin):
                         entry = Entry.load(bytes(raw))
                         if entry.fits(req):
                             CACHE.labels("hit").inc()
-                            return self._hit(entry)
+                            return self._hit(ctx, entry)
         except REDIS_FAILURES as e:
             CACHE.labels("redis-error").inc()
             log.warning("page cache read failed: %s: %s", type(e).__name__, e)
@@ -244,6 +317,7 @@ class PageCache(Plugin):
             CACHE.labels("corrupt").inc()
             log.warning("page cache entry unreadable: %s", e)
         CACHE.labels("miss").inc()
+        self._outcome(ctx, "miss")
         if req.method != "GET":
             return None
         # Before the URL's Vary names are known, misses gather under the URL alone;
@@ -267,13 +341,15 @@ class PageCache(Plugin):
             entry_or_none = None
         if entry_or_none is not None and entry_or_none.fits(req):
             CACHE.labels("collapsed").inc()
-            return self._hit(entry_or_none)
+            return self._hit(ctx, entry_or_none)
         return None
 
-    def _hit(self, entry: Entry) -> web.Response:
+    def _hit(self, ctx: RequestContext, entry: Entry) -> web.Response:
         headers: CIMultiDict[str] = CIMultiDict(entry.headers)
         headers["X-Cache"] = "HIT"
-        headers["Age"] = str(max(0, int(time.time() - entry.stored_at)))
+        age = max(0, int(time.time() - entry.stored_at))
+        headers["Age"] = str(age)
+        self._outcome(ctx, "hit", age)
         return web.Response(status=entry.status, body=entry.body, headers=headers)
 
     def _remember(self, base: str, names: tuple[str, ...]) -> None:
@@ -292,6 +368,8 @@ class PageCache(Plugin):
     async def response(self, ctx: RequestContext, head: ResponseHead) -> None:
         if head.from_upstream and self._on_path(ctx):
             head.headers["X-Cache"] = "MISS"
+        if self.config.report:
+            await self._report(ctx)
         st = ctx.state.get(STATE)
         if not isinstance(st, State) or st.leader is None:
             return
@@ -300,9 +378,8 @@ class PageCache(Plugin):
             CACHE.labels(f"not-stored-{why}").inc()
             self._release(st.flight_key, st.leader, None)
             return
-        cc = cache_control(head.headers)
-        age = cc.get("s-maxage") or cc.get("max-age")
-        ttl = min(int(age), self.config.max_ttl) if age and age.isdigit() else self.config.ttl
+        ttl = shared_ttl(cache_control(head.headers), self.config.ttl, self.config.max_ttl)
+        assert ttl is not None  # _uncacheable said so
         names = tuple(
             sorted(
                 {
@@ -334,10 +411,7 @@ class PageCache(Plugin):
         h = head.headers
         if any(not v.startswith(f"{self._cookie}=") for v in h.getall("Set-Cookie", ())):
             return "set-cookie"  # the gateway's own session cookie is per visitor, not stored
-        cc = cache_control(h)
-        if {"private", "no-store", "no-cache"} & cc.keys():
-            return "cache-control"
-        if cc.get("s-maxage", cc.get("max-age")) == "0":
+        if shared_ttl(cache_control(h), self.config.ttl, self.config.max_ttl) is None:
             return "cache-control"
         varied = {
             n.strip().lower().replace("_", "-") for v in h.getall("Vary", ()) for n in v.split(",")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -62,6 +63,13 @@ async def postgres_url() -> AsyncIterator[str]:
         await admin.close()
 
 
+def no_session_cookie(resp: Any) -> bool:
+    """The shop may keep its flash message and last action in cookies of its own
+    (flash.py); never a session."""
+    names = {c.split("=", 1)[0] for c in resp.headers.getall("Set-Cookie", ())}
+    return names <= {"fwr_flash", "fwr_last_action"}
+
+
 def gw_headers(**fields: str) -> dict[str, str]:
     """Request headers as the gateway sends them for an authenticated session."""
     headers = {"X-Session-Authenticated": "true", "X-Session-Id": "f" * 64}
@@ -84,7 +92,7 @@ async def test_gateway_login_right_password_answers_with_login_instruction(
     login = instruction(resp.headers["X-Session-Login"])
     assert login == {"user_id": "1001", "username": "alice", "email": "alice@example.com"}
     assert "%40" in resp.headers["X-Session-Login"], "values must be percent-encoded"
-    assert "Set-Cookie" not in resp.headers, "gateway mode sets no cookie of its own"
+    assert no_session_cookie(resp), "gateway mode sets no session cookie of its own"
 
 
 @pytest.mark.parametrize(
@@ -152,8 +160,11 @@ async def test_gateway_account_page_shows_header_fields(gateway_shop: Client) ->
     assert resp.status == 200
     html = await resp.text()
     assert '<strong id="username">jöhn_doe</strong>' in html
-    for shown in ("john@example.com", "1673120000.123", "/products/laptop-123", "page_views"):
+    # Times as a person reads them, not epoch numbers.
+    login_clock = time.strftime("%H:%M:%S UTC", time.gmtime(1673120000.123))
+    for shown in ("john@example.com", login_clock, "/products/laptop-123", "page_views"):
         assert shown in html
+    assert "1673120000" not in html and " ago (" in html
     assert "<th>page_views</th><td>15</td>" in html
     assert "<script>alert" not in html and "&lt;script&gt;alert(1)" in html
 
@@ -241,7 +252,7 @@ async def test_gateway_mode_makes_no_session_writes(gateway_shop: Client) -> Non
     for method, path, kwargs in steps:
         resp = await gateway_shop.request(method, path, allow_redirects=False, **kwargs)
         assert resp.status in (200, 303), (method, path, resp.status)
-        assert "Set-Cookie" not in resp.headers, (method, path)
+        assert no_session_cookie(resp), (method, path)
     db = db_of(gateway_shop)
     assert db.session_writes == 0
     assert await db.count_sessions() == 0
@@ -285,10 +296,12 @@ def cache_control(resp: Any) -> set[str]:
     return {part.strip().lower() for part in resp.headers.get("Cache-Control", "").split(",")}
 
 
-async def test_gateway_product_pages_are_public_and_the_same_for_everyone(
+async def test_gateway_product_pages_are_public_and_the_same_for_every_guest(
     gateway_shop: Client,
 ) -> None:
-    """The gateway's page cache may share product pages: nothing of the session in them."""
+    """The gateway's page cache may share product pages: nothing of the session in them.
+    Browsers revalidate every time (so every view reaches the gateway); the gateway may
+    keep them 30 s."""
     visitors = {
         "no session": {},
         "guest with a cart": {
@@ -298,17 +311,12 @@ async def test_gateway_product_pages_are_public_and_the_same_for_everyone(
             "X-Session-Cart-Total": "2029.97",
             "X-Session-Cart-Contents": "laptop-123%7C2%7C999.99,mouse-456%7C1%7C29.99",
         },
-        "alice with a cart": {
-            **gw_headers(user_id="1001", username="alice", email="alice%40example.com"),
-            "X-Session-Cart-Items": "3",
-            "X-Session-Cart-Total": "2029.97",
-        },
     }
     bodies = {}
     for who, headers in visitors.items():
         resp = await gateway_shop.get("/products/laptop-123", headers=headers)
         assert resp.status == 200, who
-        assert cache_control(resp) == {"public", "max-age=30"}, who
+        assert cache_control(resp) == {"public", "max-age=0", "s-maxage=30"}, who
         assert "Set-Cookie" not in resp.headers and "Vary" not in resp.headers, who
         html = await resp.text()
         assert "UltraBook 14" in html and 'action="/cart/add"' in html, who
@@ -321,6 +329,22 @@ async def test_gateway_product_pages_are_public_and_the_same_for_everyone(
     # The add-to-cart form posts to a page that is never cached.
     resp = await gateway_shop.post("/cart/add", data={"sku": "laptop-123"}, allow_redirects=False)
     assert {"private", "no-store"} <= cache_control(resp)
+
+
+async def test_gateway_product_pages_show_a_logged_in_user_and_stay_private(
+    gateway_shop: Client,
+) -> None:
+    headers = {
+        **gw_headers(user_id="1001", username="alice", email="alice%40example.com"),
+        "X-Session-Cart-Items": "3",
+        "X-Session-Cart-Total": "2029.97",
+    }
+    resp = await gateway_shop.get("/products/laptop-123", headers=headers)
+    assert resp.status == 200
+    assert {"private", "no-store"} <= cache_control(resp)
+    html = await resp.text()
+    assert '<a href="/account" id="who">alice</a>' in html and "Log out" in html
+    assert "Cart (3)" in html and 'action="/cart/add"' in html
 
 
 @pytest.mark.parametrize(
@@ -471,3 +495,107 @@ async def test_legacy_forged_cookie_gets_a_fresh_session(
     assert issued != forged and len(issued) == 43
     assert await db_of(client).session_get(forged) is None
     assert await db_of(client).session_get(issued) is not None
+
+
+# ============================================================ pages for people
+async def test_unknown_paths_and_wrong_methods_get_styled_pages(gateway_shop: Client) -> None:
+    auth = gw_headers(user_id="1001", username="alice", email="alice%40example.com")
+    resp = await gateway_shop.get("/no/such/page", headers=auth)
+    assert resp.status == 404 and resp.content_type == "text/html"
+    html = await resp.text()
+    assert '<p id="error-status" class="big">404 · Not Found</p>' in html
+    assert '<a href="/account" id="who">alice</a>' in html  # the shop's header, logged in
+    assert {"private", "no-store"} <= cache_control(resp)
+    resp = await gateway_shop.request("DELETE", "/cart")
+    assert resp.status == 405 and resp.headers["Allow"]
+    assert "405 · Method Not Allowed" in await resp.text()
+
+
+async def test_flash_messages_follow_actions_once(gateway_shop: Client) -> None:
+    resp = await gateway_shop.get("/account")  # anonymous: redirected to the login form
+    assert resp.url.path == "/login"
+    assert '<p class="flash" id="flash" role="status">Log in to see your account.</p>' in (
+        await resp.text()
+    )
+    assert 'id="flash"' not in await (await gateway_shop.get("/")).text()  # shown once
+
+    auth = gw_headers(user_id="1001", username="alice", email="alice%40example.com")
+    resp = await gateway_shop.post("/logout", headers=auth, data={"scope": "all"})
+    assert "You are logged out on every device." in await resp.text()
+    resp = await gateway_shop.post("/cart/add", data={"sku": "mouse-456", "qty": "2"})
+    assert "Added 2 × Silent Mouse to your cart." in await resp.text()  # noqa: RUF001
+
+
+@pytest.mark.parametrize(
+    ("report", "shown"),
+    [
+        ("saved_items=2;guest_items=1;total_items=3", "2 items from your earlier visit were"),
+        ("saved_items=1;guest_items=0;total_items=1", "Your cart still holds 1 item from"),
+        ("saved_items=0;guest_items=3;total_items=3", None),
+    ],
+)
+async def test_the_gateways_merge_report_becomes_a_sentence(
+    gateway_shop: Client, report: str, shown: str | None
+) -> None:
+    headers = {
+        **gw_headers(user_id="1001", username="alice"),
+        "X-Session-Cart-Merged": report,
+    }
+    html = await (await gateway_shop.get("/cart", headers=headers)).text()
+    if shown is None:
+        assert 'id="merge-notice"' not in html
+    else:
+        assert 'id="merge-notice"' in html and shown in html
+
+
+async def test_account_page_shows_the_cart_as_a_table(gateway_shop: Client) -> None:
+    headers = {
+        **gw_headers(user_id="1001", username="alice"),
+        "X-Session-Cart-Contents": "laptop-123%7C2%7C999.99",
+        "X-Session-Cart-Items": "2",
+        "X-Session-Cart-Total": "1999.98",
+    }
+    html = await (await gateway_shop.get("/account", headers=headers)).text()
+    assert '<table id="account-cart">' in html
+    assert "<td>UltraBook 14</td><td>2</td>" in html
+    assert "laptop-123|2|999.99" not in html  # the raw header value
+
+
+async def test_inspector_shows_what_the_gateway_did(gateway_shop: Client) -> None:
+    # The last action: the shop answered a cart add with an instruction for the gateway.
+    await gateway_shop.post("/cart/add", data={"sku": "laptop-123", "qty": "1"})
+    headers = {
+        **gw_headers(user_id="1001", username="alice", last_activity=f"{time.time() - 12:.3f}"),
+        "X-Session-Page-Cache": f"outcome=hit;path=/products/laptop-123;at={time.time():.3f};age=4",
+    }
+    resp = await gateway_shop.get("/inspector", headers=headers)
+    assert resp.status == 200
+    html = await resp.text()
+    assert '<table id="received">' in html and "X-Session-User-Id" in html
+    assert "12 s ago)" in html or "13 s ago)" in html  # times read as times
+    assert '<table id="instructions-sent">' in html
+    assert "X-Session-Cart-Add" in html and "sku=laptop-123; qty=1; price=999.99" in html
+    assert "HIT: your last product page (/products/laptop-123" in html
+    assert '<p id="session-writes" class="big ok">0 session writes</p>' in html
+    assert "make demo" in html  # no view of Redis without the demo
+    assert 'id="inspector-link"' in html  # linked from every page's header
+    assert {"private", "no-store"} <= cache_control(resp)
+
+
+async def test_inspector_lists_the_sessions_redis_keys(
+    aiohttp_client: MakeClient, sqlite_url: str, redis_server: Any, rdb: Any
+) -> None:
+    sid = "ab" * 32
+    rdb.hset(f"session:{sid}", mapping={"user_id": "1001", "page_views": "3"})
+    rdb.expire(f"session:{sid}", 3600)
+    rdb.hset("user_cart:1001", mapping={"item:a": "a|1|1.00", "total_items": "1"})
+    rdb.sadd("user_sessions:1001", sid)
+    rdb.hset("session:" + "cd" * 32, mapping={"user_id": "1002"})  # someone else's
+    shop = await aiohttp_client(make_app("gateway", sqlite_url, inspect_redis=redis_server.url))
+    headers = {**gw_headers(user_id="1001", username="alice"), "X-Session-Id": sid}
+    html = await (await shop.get("/inspector", headers=headers)).text()
+    assert '<table id="redis-keys">' in html
+    for key in (f"session:{sid}", "user_cart:1001", "user_sessions:1001"):
+        assert f'<td class="mono">{key}</td>' in html
+    assert "cd" * 32 not in html
+    assert "59 min" in html or "60 min" in html  # the session's TTL, readable

@@ -106,18 +106,19 @@ async def test_login_beyond_the_cap_ends_the_oldest_sessions_and_their_carts(
     redis_server: RedisServer,
     whoami: None,
 ) -> None:
-    # Carts per session only: no user copy brought into each new login.
-    cart = {"cart": {"persist_user_cart": False}}
-    cfg = base_config(redis_server.url, upstream.url, plugins=[cart], routes=CART_ROUTES)
+    cfg = base_config(redis_server.url, upstream.url, plugins=["cart"], routes=CART_ROUTES)
     cfg["session"]["max_per_user"] = 3
     gw = await make_gateway(cfg)
     upstream.reply_headers("/add", ("X-Session-Cart-Add", "sku=pen; qty=1; price=2.50"))
     capped = metrics.SESSIONS_CAPPED._value.get()
     tokens = []
-    for _ in range(5):
+    for i in range(5):
         t = await fresh_login(gw, upstream, "9")
         assert (await get_as(gw, "/add", t)).status == 200
-        assert rdb.hget(f"cart:{sid_hash(t)}", "total_items") == "1"
+        # The user's one cart, shared by the sessions; a per-session cart (kept from
+        # before per-user carts) is the session's own and goes with it.
+        assert rdb.hget("user_cart:9", "total_items") == str(i + 1)
+        rdb.hset(f"cart:{sid_hash(t)}", mapping={"item:old": "old|1|1.00"})
         tokens.append(t)
     gone, kept = tokens[:2], tokens[2:]
     for t in gone:
@@ -125,8 +126,9 @@ async def test_login_beyond_the_cap_ends_the_oldest_sessions_and_their_carts(
         assert not rdb.exists(f"cart:{sid_hash(t)}")
         assert await authenticated_as(gw, t) is None
     for t in kept:
-        assert rdb.hget(f"cart:{sid_hash(t)}", "total_items") == "1"
+        assert rdb.exists(f"cart:{sid_hash(t)}")
         assert await authenticated_as(gw, t) == "9"
+    assert rdb.hget("user_cart:9", "total_items") == "5"
     assert rdb.smembers("user_sessions:9") == {sid_hash(t) for t in kept}
     assert metrics.SESSIONS_CAPPED._value.get() - capped == 2
 

@@ -8,6 +8,21 @@ It runs in two modes (see README.md beside this file):
   read and written on every request (the benchmark's baseline).
 """
 
-from .app import make_app
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .app import make_app
 
 __all__ = ["make_app"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, not with the package: ``python -m ...demo`` then reaches
+    # its own Ctrl-C handling before aiohttp and friends are loaded.
+    if name == "make_app":
+        from .app import make_app
+
+        return make_app
+    raise AttributeError(name)

@@ -7,7 +7,10 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from . import templates
 from .db import open_database
+from .flash import cookies_middleware, take_flash
+from .inspector import RedisLens
 from .sessions import SESSION, GatewaySessions, LegacySessions, SessionStore
 from .views import PRIVATE, STATE, ShopState, routes
 
@@ -32,6 +35,26 @@ async def session_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 @web.middleware
+async def error_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The router's 404 and 405 as pages of the shop (with its header), not bare text."""
+    try:
+        return await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        state = request.app[STATE]
+        session = request.get(SESSION)
+        title = "Not found" if exc.status == 404 else "Method not allowed"
+        body = templates.error_page(exc.status, exc.reason)
+        if session is None:
+            html = templates.neutral_layout(title, body, state.mode)
+        else:
+            html = templates.layout(title, body, session, state.mode, take_flash(request))
+        response = web.Response(text=html, status=exc.status, content_type="text/html")
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+
+
+@web.middleware
 async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await handler(request)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
@@ -43,9 +66,13 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
-def make_app(mode: str, db_url: str, *, idle_ttl: float = 3600.0) -> web.Application:
+def make_app(
+    mode: str, db_url: str, *, idle_ttl: float = 3600.0, inspect_redis: str | None = None
+) -> web.Application:
     """The shop. ``mode``: ``gateway`` or ``legacy``; ``db_url``: ``sqlite:PATH`` or
-    ``postgresql://…``. The database is opened, created and seeded at startup."""
+    ``postgresql://…``. The database is opened, created and seeded at startup.
+    ``inspect_redis``: a Redis URL the inspector page may read the session's keys from
+    (the demo's; read-only, never the shop's sessions)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     db = open_database(db_url)
@@ -54,7 +81,9 @@ def make_app(mode: str, db_url: str, *, idle_ttl: float = 3600.0) -> web.Applica
     )
     state = ShopState(mode=mode, db=db, store=store)
 
-    app = web.Application(middlewares=[security_headers, session_middleware])
+    app = web.Application(
+        middlewares=[security_headers, session_middleware, cookies_middleware, error_pages]
+    )
     app[STATE] = state
     app.add_routes(routes)
 
@@ -69,4 +98,15 @@ def make_app(mode: str, db_url: str, *, idle_ttl: float = 3600.0) -> web.Applica
             await db.close()
 
     app.cleanup_ctx.append(database)
+    if inspect_redis is not None:
+        url = inspect_redis
+
+        async def lens(app: web.Application) -> AsyncIterator[None]:
+            state.lens = RedisLens(url)
+            try:
+                yield
+            finally:
+                await state.lens.close()
+
+        app.cleanup_ctx.append(lens)
     return app

@@ -91,4 +91,6 @@ USERS: tuple[SeedUser, ...] = (
     SeedUser(1003, "carol", "carol@example.com", "Carol Chen", "carol-password"),
     SeedUser(12345, "john_doe", "john@example.com", "John Doe", "john-password"),
     SeedUser(1004, "zoë", "zoe+shop@example.com", "Zoë Ünicode", "zoe-password"),
+    # The scripted walk's own (demo.py), so that it never touches a user a person tries.
+    SeedUser(1900, "walker", "walker@example.com", "Demo Walker", "walker-password"),
 )

@@ -11,6 +11,8 @@ from aiohttp import web
 from . import templates
 from .catalog import Product
 from .db import Database
+from .flash import flash, last_action, take_flash
+from .inspector import RedisLens, parse_params
 from .passwords import DUMMY_HASH, verify_password
 from .sessions import SESSION, SessionStore, session_headers
 
@@ -24,6 +26,8 @@ class ShopState:
     store: SessionStore
     products: tuple[Product, ...] = ()
     catalog: dict[str, Product] = field(default_factory=dict)
+    # The inspector's read-only view of Redis (the demo gives one; the shop needs none).
+    lens: RedisLens | None = None
 
 
 STATE = web.AppKey("shop_state", ShopState)
@@ -31,11 +35,12 @@ routes = web.RouteTableDef()
 
 # Pages that show session data (the layout's cart count and username, the cart, the
 # account) must never be stored by a shared cache: ``private, no-store`` is the default
-# for every response (see app.security_headers). Product pages in gateway mode are
-# rendered the same for everyone and opt in to shared caching (the gateway's page_cache
-# takes its TTL from max-age).
+# for every response (see app.security_headers). Product pages for guests in gateway mode
+# are rendered the same for everyone and opt in to shared caching: browsers revalidate
+# every time (max-age=0), so every view reaches the gateway and is counted, while the
+# gateway's page_cache keeps one copy for 30 s (s-maxage).
 PRIVATE = "private, no-store"
-PUBLIC_PRODUCT_PAGE = "public, max-age=30"
+PUBLIC_PRODUCT_PAGE = "public, max-age=0, s-maxage=30"
 
 
 def _state(request: web.Request) -> ShopState:
@@ -44,7 +49,7 @@ def _state(request: web.Request) -> ShopState:
 
 def page(request: web.Request, title: str, body: str, status: int = 200) -> web.Response:
     state = _state(request)
-    html = templates.layout(title, body, request[SESSION], state.mode)
+    html = templates.layout(title, body, request[SESSION], state.mode, take_flash(request))
     return web.Response(
         text=html, status=status, content_type="text/html", headers={"Cache-Control": PRIVATE}
     )
@@ -88,9 +93,11 @@ async def product_detail(request: web.Request) -> web.Response:
     if product is None:
         return page(request, "Not found", templates.not_found("That product"), status=404)
     body = templates.product_page(product)
-    if state.mode != "gateway":
+    if state.mode != "gateway" or request[SESSION].authenticated:
         # Legacy mode is not behind a shared cache and keeps its personalised layout
-        # (and may set its session cookie here): private like every other page.
+        # (and may set its session cookie here); a logged-in visitor sees their name
+        # (the gateway's page cache never serves or stores their pages): private like
+        # every other page.
         return page(request, product.name, body)
     # Nothing from the session goes into this page: the same bytes for every visitor,
     # so the gateway's page cache may serve it to anyone.
@@ -110,8 +117,31 @@ async def cart(request: web.Request) -> web.Response:
 async def account(request: web.Request) -> web.Response:
     session = request[SESSION]
     if not session.authenticated:
-        return redirect("/login?" + urlencode({"next": "/account"}))
-    return page(request, "Your account", templates.account_page(session, _state(request).mode))
+        response = redirect("/login?" + urlencode({"next": "/account"}))
+        flash(response, "Log in to see your account.")
+        return response
+    state = _state(request)
+    return page(request, "Your account", templates.account_page(session, state.mode, state.catalog))
+
+
+@routes.get("/inspector")
+async def inspector(request: web.Request) -> web.Response:
+    """What the gateway did for this page, as the shop sees it (inspector.py)."""
+    state = _state(request)
+    session = request[SESSION]
+    keys = None
+    if state.lens is not None and session.session_id:
+        keys = await state.lens.keys_of(session.session_id, session.user_id)
+    body = templates.inspector_page(
+        received=session_headers(request.headers),
+        action=last_action(request),
+        keys=keys,
+        page_cache=parse_params(session.fields.get("page_cache")),
+        writes=state.db.session_writes,
+        rows=await state.db.count_sessions(),
+        mode=state.mode,
+    )
+    return page(request, "Inspector", body)
 
 
 # -------------------------------------------------------------------- cart
@@ -130,6 +160,7 @@ async def cart_add(request: web.Request) -> web.Response:
     response = redirect("/cart")
     # The price comes from the catalogue, never from the form.
     await _state(request).store.cart_add(request, response, product.sku, qty, product.price)
+    flash(response, f"Added {qty} × {product.name} to your cart.")  # noqa: RUF001
     return response
 
 
@@ -141,6 +172,7 @@ async def cart_remove(request: web.Request) -> web.Response:
         return page(request, "Not found", templates.not_found("That product"), status=404)
     response = redirect("/cart")
     await _state(request).store.cart_remove(request, response, sku)
+    flash(response, f"Removed {_state(request).catalog[sku].name} from your cart.")
     return response
 
 
@@ -148,6 +180,7 @@ async def cart_remove(request: web.Request) -> web.Response:
 async def cart_clear(request: web.Request) -> web.Response:
     response = redirect("/cart")
     await _state(request).store.cart_clear(request, response)
+    flash(response, "Your cart is empty now.")
     return response
 
 
@@ -174,6 +207,7 @@ async def login(request: web.Request) -> web.Response:
         return page(request, "Log in", body, status=401)
     response = redirect(next_path)
     await state.store.login(request, response, user)
+    flash(response, f"Welcome, {user.username}. You are logged in.")
     return response
 
 
@@ -183,6 +217,10 @@ async def logout(request: web.Request) -> web.Response:
     response = redirect("/")
     everywhere = form.get("scope") == "all"
     await _state(request).store.logout(request, response, everywhere)
+    flash(
+        response,
+        "You are logged out on every device." if everywhere else "You are logged out.",
+    )
     return response
 
 

@@ -65,8 +65,13 @@ for i = 2, #KEYS do
   -- EXPIRE doubles as the existence check (0 for a missing key): three commands per
   -- session, and a key past its absolute deadline is removed by a non-positive TTL.
   if redis.call('EXPIRE', k, ttl) == 1 and ttl > 0 then
-    redis.call('HSET', k, 'last_activity', e[1], 'current_page', e[2])
-    redis.call('HINCRBY', k, 'page_views', e[3])
+    -- An empty page: touches only (no page view since the last flush).
+    if e[2] == '' then
+      redis.call('HSET', k, 'last_activity', e[1])
+    else
+      redis.call('HSET', k, 'last_activity', e[1], 'current_page', e[2])
+      redis.call('HINCRBY', k, 'page_views', e[3])
+    end
     if e[5] == 1 then
       local h = redis.pcall('HRANDFIELD', k, 1073741824, 'WITHVALUES')
       -- Redis < 6.2 has no HRANDFIELD: an error here would abort the script half done.
@@ -129,19 +134,28 @@ class ActivityWriter:
     # -- request side (synchronous, never blocks) --------------------------------------
 
     def record(self, key: str, page: str, deadline: float) -> None:
+        """A page view of ``page``."""
+        self._add(key, page, 1, deadline)
+
+    def touch(self, key: str, deadline: float) -> None:
+        """Activity without a page view: last_activity and the idle TTL only."""
+        self._add(key, "", 0, deadline)
+
+    def _add(self, key: str, page: str, views: int, deadline: float) -> None:
         now = time.time()
         if self.cache is not None:
             # The near-cache's copy says at once what the flush will write.
-            self.cache.update(key, apply_activity, now, page, 1)
+            self.cache.update(key, apply_activity, now, page, views)
         p = self._pending.get(key)
         if p is not None:
             p.last_activity = now
-            p.page = page
-            p.views += 1
+            if page:
+                p.page = page
+            p.views += views
             return
         if self.pending_count() >= self.settings.max_pending:
             self._drop_oldest()
-        self._pending[key] = Pending(now, page, 1, deadline)
+        self._pending[key] = Pending(now, page, views, deadline)
 
     def apply_unflushed(
         self, key: str, fields: dict[str, str], skip: Batch | None = None

@@ -47,7 +47,8 @@ def ts(t: float) -> str:
 
 def apply_activity(fields: dict[str, str], last_activity: float, page: str, views: int) -> bool:
     """Apply recorded activity to a copy of a session hash the way the activity script
-    applies it in Redis; False when the copy's page_views is not a number.
+    applies it in Redis; False when the copy's page_views is not a number. ``page`` is
+    empty for activity without a page view (a touch): current_page stays.
 
     The one operation behind every "copy plus activity not yet in Redis": a cached copy
     as each request is recorded, a hash read from Redis, a copy renewed by a flush."""
@@ -56,7 +57,8 @@ def apply_activity(fields: dict[str, str], last_activity: float, page: str, view
     except ValueError:
         return False
     fields["last_activity"] = ts(last_activity)
-    fields["current_page"] = page
+    if page:
+        fields["current_page"] = page
     return True
 
 

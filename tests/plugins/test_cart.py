@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 import pytest
 import redis
 from aiohttp import web
@@ -230,7 +232,52 @@ async def test_contents_header_is_bounded(make_gateway: GatewayFactory, upstream
     assert upstream.last.header("X-Session-Cart-Truncated") == "true"
 
 
-async def test_guest_cart_moves_to_the_new_session_at_login(
+class Device:
+    """Another browser on the same gateway: its own cookie jar."""
+
+    def __init__(self, gw: TestClient, upstream: Upstream) -> None:
+        self.gw, self.upstream = gw, upstream
+        self.http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+
+    async def get(self, path: str) -> aiohttp.ClientResponse:
+        async with self.http.get(self.gw.make_url(path)) as resp:
+            await resp.read()
+            return resp
+
+    async def login(self, user_id: str) -> None:
+        self.upstream.reply_headers("/login", ("X-Session-Login", f"user_id={user_id}"))
+        async with self.http.post(self.gw.make_url("/login")) as resp:
+            assert resp.status == 200
+
+    async def send(self, path: str, *instructions: tuple[str, str]) -> None:
+        self.upstream.reply_headers(path, *instructions)
+        assert (await self.get(path)).status == 200
+
+    async def look(self) -> dict[str, str | None]:
+        """The cart headers the backend receives for this device's next request."""
+        await self.get("/look")
+        last = self.upstream.last
+        names = ("Items", "Total", "Merged")
+        return {n: last.header(f"X-Session-Cart-{n}") for n in names}
+
+    async def close(self) -> None:
+        await self.http.close()
+
+
+@pytest.fixture
+async def devices(upstream: Upstream) -> AsyncIterator[Callable[[TestClient], Device]]:
+    made: list[Device] = []
+
+    def make(gw: TestClient) -> Device:
+        made.append(Device(gw, upstream))
+        return made[-1]
+
+    yield make
+    for d in made:
+        await d.close()
+
+
+async def test_guest_cart_merges_into_the_users_cart_at_login(
     make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
 ) -> None:
     gw = await cart_gateway(make_gateway)
@@ -239,59 +286,172 @@ async def test_guest_cart_moves_to_the_new_session_at_login(
     await login(gw, upstream, "42")
     assert await cart_headers(gw, upstream) == ("2", "7.00")
     assert upstream.last.header("X-Session-Authenticated") == "true"
+    # Nothing was waiting in the user's cart: nothing to report.
+    assert upstream.last.header("X-Session-Cart-Merged") is None
     assert not rdb.exists(f"cart:{guest}")
-    assert rdb.hgetall("user_cart:42") == cart_of(rdb, upstream)
+    sid = upstream.last.header("X-Session-Id")
+    assert not rdb.exists(f"cart:{sid}")
+    assert rdb.hgetall("user_cart:42") == {
+        "item:a": "a|2|3.50",
+        "total_items": "2",
+        "total_value": "7.00",
+    }
 
 
-async def test_user_cart_returns_on_a_new_device_and_merges_with_the_guest_cart(
+async def test_one_cart_shared_by_every_session_of_a_user_and_the_merge_reported_once(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis, devices: Any
+) -> None:
+    gw = await cart_gateway(make_gateway)
+    phone, laptop = devices(gw), devices(gw)
+    await phone.login("42")
+    await phone.send("/u", ("X-Session-Cart-Add", "sku=u; qty=1; price=1.10"))
+    await phone.send("/v", ("X-Session-Cart-Add", "sku=v; qty=1; price=2"))
+
+    # The laptop fills a guest cart, then logs in as the same user while the phone's
+    # session is still alive.
+    await laptop.send("/g", ("X-Session-Cart-Add", "sku=g; qty=1; price=5"))
+    await laptop.send("/u2", ("X-Session-Cart-Add", "sku=u; qty=2; price=1.20"))
+    await laptop.login("42")
+    # u: 1 (saved) + 2 (guest) at the guest's newer price; v from the saved cart; g new.
+    # The first request after the login hears what the merge did; the next one does not.
+    merged = "saved_items=2;guest_items=3;total_items=5"
+    assert await laptop.look() == {"Items": "5", "Total": "10.60", "Merged": merged}
+    assert await laptop.look() == {"Items": "5", "Total": "10.60", "Merged": None}
+    assert rdb.hget("user_cart:42", "item:u") == "u|3|1.20"
+
+    # The phone sees the same cart, and a change on either is seen by both.
+    assert await phone.look() == {"Items": "5", "Total": "10.60", "Merged": None}
+    await phone.send("/r", ("X-Session-Cart-Remove", "sku=v"))
+    assert (await laptop.look())["Total"] == "8.60"
+
+    # Logging in again as the same user keeps the cart as it is: no double counting, no
+    # report. Another user on that browser does not inherit user 42's cart. A cart:<id>
+    # of a signed-in session (from before per-user carts) goes with its session.
+    await laptop.get("/look")
+    old_sid = upstream.last.header("X-Session-Id")
+    rdb.hset(f"cart:{old_sid}", mapping={"item:old": "old|1|1.00"})
+    await laptop.login("42")
+    assert not rdb.exists(f"cart:{old_sid}")
+    assert await laptop.look() == {"Items": "4", "Total": "8.60", "Merged": None}
+    await laptop.login("43")
+    assert await laptop.look() == {"Items": "0", "Total": "0.00", "Merged": None}
+    assert rdb.hget("user_cart:42", "total_value") == "8.60"
+
+
+async def test_two_sessions_of_one_user_adding_at_once_lose_nothing(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis, devices: Any
+) -> None:
+    gw = await make_gateway(
+        routes=ROUTES, plugins=[{"cart": {}}], limits={"upstream_per_address": 64}
+    )
+
+    async def add(request: web.Request) -> web.Response:
+        i = int(request.query["i"])
+        await asyncio.sleep(0.01 * (i % 3))  # interleave the answers
+        resp = web.Response(text="ok")
+        resp.headers["X-Session-Cart-Add"] = f"sku=s{i % 4}; qty={i % 3 + 1}; price=1.25"
+        return resp
+
+    upstream.routes["/add"] = add
+    one, two = devices(gw), devices(gw)
+    await one.login("42")
+    await two.login("42")
+    n = 30
+    results = await asyncio.gather(
+        *(d.get(f"/add?i={i}") for i in range(n) for d in (one, two))
+    )
+    assert [r.status for r in results] == [200] * 2 * n
+    qty = {f"s{k}": 2 * sum(i % 3 + 1 for i in range(n) if i % 4 == k) for k in range(4)}
+    cart = rdb.hgetall("user_cart:42")
+    for k in range(4):
+        assert cart[f"item:s{k}"] == f"s{k}|{qty[f's{k}']}|1.25"
+    total = sum(qty.values())
+    assert cart["total_items"] == str(total)
+    assert cart["total_value"] == f"{Decimal('1.25') * total:.2f}"
+    assert (await one.look())["Items"] == (await two.look())["Items"] == str(total)
+
+
+async def test_the_users_cart_comes_back_at_the_next_login_with_a_word_about_it(
     make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
 ) -> None:
     gw = await cart_gateway(make_gateway)
     await login(gw, upstream, "42")
-    await send(gw, upstream, "/u", ("X-Session-Cart-Add", "sku=u; qty=1; price=1.10"))
-    await send(gw, upstream, "/v", ("X-Session-Cart-Add", "sku=v; qty=1; price=2"))
+    await send(gw, upstream, "/u", ("X-Session-Cart-Add", "sku=u; qty=2; price=1"))
     await send(gw, upstream, "/bye", ("X-Session-Logout", "this"))
+    assert rdb.exists("user_cart:42")
 
-    gw.session.cookie_jar.clear()  # another device
-    await send(gw, upstream, "/g", ("X-Session-Cart-Add", "sku=g; qty=1; price=5"))
-    await send(gw, upstream, "/u2", ("X-Session-Cart-Add", "sku=u; qty=2; price=1.20"))
+    gw.session.cookie_jar.clear()  # another device, later
     await login(gw, upstream, "42")
-    # u: 1 (saved) + 2 (guest) at the guest's newer price; v from the saved cart; g new.
-    assert await cart_headers(gw, upstream) == ("5", "10.60")
-    assert cart_of(rdb, upstream)["item:u"] == "u|3|1.20"
-
-    # Logging in again as the same user keeps the cart as it is (no double counting).
-    await login(gw, upstream, "42")
-    assert await cart_headers(gw, upstream) == ("5", "10.60")
-
-    # Another user logging in on this browser does not inherit user 42's cart.
-    await login(gw, upstream, "43")
-    assert await cart_headers(gw, upstream) == ("0", "0.00")
-    assert rdb.hget("user_cart:42", "total_value") == "10.60"
+    await gw.get("/look")
+    assert upstream.last.header("X-Session-Cart-Items") == "2"
+    assert upstream.last.header("X-Session-Cart-Merged") == (
+        "saved_items=2;guest_items=0;total_items=2"
+    )
+    sid = upstream.last.header("X-Session-Id")
+    assert not rdb.exists(f"cart_merged:{sid}")
 
 
-async def test_without_persist_user_cart_a_new_device_starts_empty(
+async def test_the_users_cart_outlives_every_session_that_shares_it(
     make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
 ) -> None:
-    gw = await cart_gateway(make_gateway, persist_user_cart=False)
+    # persist_user_cart (default): kept user_cart_ttl after its last change.
+    gw = await cart_gateway(make_gateway, user_cart_ttl=7 * 86400)
     await login(gw, upstream, "42")
     await send(gw, upstream, "/u", ("X-Session-Cart-Add", "sku=u; qty=1; price=1"))
+    assert 7 * 86400 - 5 < rdb.ttl("user_cart:42") <= 7 * 86400
+    # A TTL is never shortened by a change (set by hand here: a longer one).
+    rdb.expire("user_cart:42", 9 * 86400)
+    await send(gw, upstream, "/u", ("X-Session-Cart-Add", "sku=u; qty=1; price=1"))
+    assert rdb.ttl("user_cart:42") > 8 * 86400
+
+
+async def test_without_persist_user_cart_the_cart_ends_with_the_users_sessions(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    gw = await cart_gateway(make_gateway, persist_user_cart=False, user_cart_ttl=60)
+    await login(gw, upstream, "42")
+    await send(gw, upstream, "/u", ("X-Session-Cart-Add", "sku=u; qty=1; price=1"))
+    absolute = 3600  # base_config's session.absolute_ttl: as long as a session can live
+    assert absolute - 5 < rdb.ttl("user_cart:42") <= absolute
+    # Cut short by hand: the next login extends it to cover the new session.
+    rdb.expire("user_cart:42", 30)
     gw.session.cookie_jar.clear()
     await login(gw, upstream, "42")
-    assert await cart_headers(gw, upstream) == ("0", "0.00")
+    assert absolute - 5 < rdb.ttl("user_cart:42") <= absolute
+
+
+async def test_clearing_the_users_cart_clears_it_for_every_session(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis, devices: Any
+) -> None:
+    gw = await cart_gateway(make_gateway)
+    one, two = devices(gw), devices(gw)
+    await one.login("42")
+    await two.login("42")
+    await one.send("/u", ("X-Session-Cart-Add", "sku=u; qty=1; price=1"))
+    assert rdb.exists("user_cart:42")
+    await two.send("/checkout", ("X-Session-Cart-Clear", "1"))
     assert not rdb.exists("user_cart:42")
+    assert (await one.look())["Items"] == "0"
 
 
-async def test_clearing_an_authenticated_cart_clears_the_saved_copy(
+async def test_a_change_for_a_guest_session_that_is_gone_is_dropped(
     make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
 ) -> None:
     gw = await cart_gateway(make_gateway)
-    await login(gw, upstream, "42")
-    await send(gw, upstream, "/u", ("X-Session-Cart-Add", "sku=u; qty=1; price=1"))
-    assert rdb.exists("user_cart:42")
-    await send(gw, upstream, "/checkout", ("X-Session-Cart-Clear", "1"))
-    assert not rdb.exists("user_cart:42")
-    assert not rdb.exists(f"cart:{upstream.last.header('X-Session-Id')}")
+    await send(gw, upstream, "/a", ("X-Session-Cart-Add", "sku=a; qty=1; price=1"))
+    await gw.get("/look")
+    sid = upstream.last.header("X-Session-Id")
+
+    async def slow_add(request: web.Request) -> web.Response:
+        # The session ends while the backend works on the request.
+        rdb.delete(f"session:{sid}")
+        return web.Response(text="ok", headers={"X-Session-Cart-Add": "sku=b; qty=1; price=1"})
+
+    upstream.routes["/b"] = slow_add
+    before = counted("add", "no-session")
+    await gw.get("/b")
+    assert counted("add", "no-session") == before + 1
+    assert rdb.hget(f"cart:{sid}", "item:b") is None
 
 
 async def test_redis_down_omits_the_headers_and_serves(

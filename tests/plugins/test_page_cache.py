@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -296,3 +297,85 @@ async def test_vary_on_credentials_or_gateway_headers_is_never_cached(
     for key in rdb.scan_iter("*"):
         if rdb.type(key) == "string":
             assert token not in (rdb.get(key) or "")
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "ttl"),
+    [
+        # Browsers revalidate every time, the gateway keeps it 30 s.
+        ("public, max-age=0, s-maxage=30", 30),
+        ("max-age=0, must-revalidate, s-maxage=30", 30),
+        ("s-maxage=30", 30),
+        ("max-age=30, s-maxage=0", None),  # browsers may keep it; shared caches must not
+        ("no-cache, s-maxage=30", None),  # no-cache binds shared caches too
+        ("private, s-maxage=30", None),
+        ("no-store, s-maxage=30", None),
+        ("max-age=30, s-maxage=soon", None),
+    ],
+)
+async def test_s_maxage_is_the_shared_caches_own_freshness(
+    make_gateway: GatewayFactory,
+    upstream: Upstream,
+    rdb: redis.Redis,
+    cache_control: str,
+    ttl: int | None,
+) -> None:
+    upstream.routes["/products/s"] = page(("Cache-Control", cache_control))
+    gw = await cache_gateway(make_gateway, ttl=120)
+    await get(gw, "/products/s")
+    _, _, x_cache, headers = await get(gw, "/products/s")
+    stored = [k for k in rdb.keys("pagecache:*") if ":vary:" not in k]
+    if ttl is None:
+        assert (x_cache, stored) == ("MISS", [])
+        return
+    assert x_cache == "HIT"
+    assert ttl - 5 < rdb.ttl(stored[0]) <= ttl
+    # The browser gets the backend's directives as they were: it revalidates, so every
+    # view reaches the gateway (and is counted).
+    assert headers["Cache-Control"] == cache_control
+
+
+async def test_report_tells_the_backend_what_the_cache_did_for_the_session(
+    make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    upstream.routes["/products/r"] = page(("Cache-Control", "public, max-age=0, s-maxage=30"))
+    upstream.reply_headers("/start", ("X-Session-Set", "seen=1"))
+    routes = [dict(r, instructions=["login", "set", "logout"]) for r in ROUTES]
+    gw = await make_gateway(routes=routes, plugins=[{"page_cache": {"report": True}}])
+    await gw.get("/start")  # a guest session
+
+    async def told() -> dict[str, str]:
+        await gw.get("/look")
+        value = upstream.last.header("X-Session-Page-Cache")
+        return dict(p.split("=", 1) for p in value.split(";")) if value else {}
+
+    assert await told() == {}
+    assert (await get(gw, "/products/r"))[2] == "MISS"
+    report = await told()
+    assert (report["outcome"], report["path"]) == ("miss", "/products/r")
+    assert float(report["at"]) > time.time() - 10
+    assert (await get(gw, "/products/r"))[2] == "HIT"
+    report = await told()
+    assert (report["outcome"], report["age"]) == ("hit", "0")
+    # Logged in, the cache steps aside; the report says so.
+    await login(gw, upstream, "7")
+    assert (await get(gw, "/products/r"))[2] == "MISS"
+    assert (await told())["outcome"] == "bypass-logged-in"
+    sid = upstream.last.header("X-Session-Id")
+    assert 0 < rdb.ttl(f"pagecache_last:{sid}") <= 600  # the session's idle TTL
+    # The report goes with its session.
+    upstream.reply_headers("/bye", ("X-Session-Logout", "this"))
+    await gw.get("/bye")
+    assert not rdb.exists(f"pagecache_last:{sid}")
+
+
+async def test_no_report_unless_asked(make_gateway: GatewayFactory, upstream: Upstream) -> None:
+    upstream.reply_headers("/start", ("X-Session-Set", "seen=1"))
+    routes = [dict(r, instructions=["login", "set"]) for r in ROUTES]
+    gw = await make_gateway(routes=routes, plugins=[{"page_cache": {}}])
+    await gw.get("/start")
+    await get(gw, "/products/r")
+    await get(gw, "/products/r")
+    await gw.get("/look")
+    assert upstream.last.header("X-Session-Id")
+    assert upstream.last.header("X-Session-Page-Cache") is None

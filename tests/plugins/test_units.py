@@ -3,10 +3,14 @@ unit layer under the full-stack plugin tests."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+from redis.crc import key_slot
 
 from gateway import testing
 from gateway.plugin import ResponseHead
+from gateway.redis import Keys
 from plugins.cart import Cart, CartInstruction, parse
 from plugins.page_cache import PageCache
 from plugins.rate_limit import Decision, RateLimit
@@ -35,12 +39,39 @@ def test_cart_and_viewed_items_ask_the_core_for_their_keys() -> None:
     svc = testing.services(testing.settings_for_tests(session={"key_prefix": "shop1:"}))
     ctx = testing.context("GET", "/products/x")
     cart = testing.plugin(Cart, svc=svc)
-    assert cart.prefetch(ctx, "abc") == (("HGETALL", "shop1:cart:abc"),)
+    assert cart.prefetch(ctx, "abc") == (
+        ("HGETALL", "shop1:cart:abc"),
+        ("GET", "shop1:cart_merged:abc"),
+    )
     viewed = testing.plugin(ViewedItems, {"header": True, "keep": 5}, svc)
     assert viewed.prefetch(ctx, "abc") == (("ZREVRANGE", "shop1:viewed:abc", "0", "4"),)
     assert Cart.instructions == {
         "cart": ("X-Session-Cart-Add", "X-Session-Cart-Remove", "X-Session-Cart-Clear")
     }
+
+
+async def test_cart_keys_keep_each_users_cart_in_the_users_slot() -> None:
+    """Under Redis Cluster's hash tags each cart script touches one slot: a guest's cart
+    with its session, a user's cart with the user's index."""
+    svc = testing.services()
+    svc = dataclasses.replace(svc, keys=Keys(hash_tags=True))
+    cart = testing.plugin(Cart, svc=svc)
+    await cart.startup()
+    guest, user = testing.session(), testing.session("42")
+    assert cart.cart_key(guest) == f"cart:{{{guest.key_id}}}"
+    assert key_slot(cart.cart_key(guest).encode()) == key_slot(
+        svc.keys.session(guest.key_id).encode()
+    )
+    assert cart.cart_key(user) == "user_cart:{u:42}"
+    assert key_slot(cart.cart_key(user).encode()) == key_slot(
+        svc.keys.user_sessions("42").encode()
+    )
+    # Once this process has seen the session, its user's cart rides on the lookup.
+    ctx = testing.context("GET", "/cart", session=user)
+    ctx.prefetched["cart"] = [{}, None]
+    ctx.state["cart"] = cart.prefetch(ctx, user.key_id)[0][1]
+    await cart.request(ctx)
+    assert cart.prefetch(ctx, user.key_id)[0] == ("HGETALL", "user_cart:{u:42}")
 
 
 async def test_rate_limit_response_hook_alone() -> None:
