@@ -108,6 +108,12 @@ class Applier:
         values = collect(headers, ctx.route.instructions, self.table)
         if not values:
             return
+        if ctx.sessions_bypassed:
+            # The backend keeps this visitor's session itself: a login here would start
+            # a gateway session the rollout did not choose.
+            for h in values:
+                dropped(h.removeprefix("x-session-"), "sessions-bypassed")
+            return
         mine = {h: v for h, v in values.items() if h in self.table.owned_by_plugin}
         needs_session = bool(mine) or "x-session-set" in values
         if (
