@@ -15,11 +15,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # redis-server is needed by the tests (they start their own on free ports) and by the
-# embedded Redis mode of the demo; apt-get only runs when it is missing.
+# embedded Redis mode of the demo; PostgreSQL's initdb/pg_ctl by the legacy session tests
+# (tests/postgres.py: a private server on a free port, never the machine's own). apt-get
+# only runs when one is missing.
 system-deps:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server with apt-get"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing postgresql with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway plugins tests bench examples
