@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: test lint typecheck pytest demo bench bench-smoke run system-deps clean
+.PHONY: test lint typecheck pytest demo migrate-demo bench bench-smoke run system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,11 @@ run: $(STAMP) system-deps
 
 demo: $(STAMP) system-deps
 	$(BIN)/python -m examples.fake_web_retailer.demo $(ARGS)
+
+# The case study's migration roadmap: the shop in legacy mode, then the gateway in front
+# at 10 %, 100 %, Redis only, cut over; session writes per minute at each phase.
+migrate-demo: $(STAMP) system-deps
+	$(BIN)/python -m examples.fake_web_retailer.migrate_demo $(ARGS)
 
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench $(ARGS)
