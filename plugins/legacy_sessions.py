@@ -68,6 +68,8 @@ REQUESTS = Counter(
     "legacy (imported by this request), pass-through (bypassed by the rollout), none",
     ["source"],
 )
+# labels() hashes and locks on every call; these run on every request.
+_BY_SOURCE = {s: REQUESTS.labels(s) for s in stats.SOURCES}
 ROLLOUT = Gauge(
     "gateway_legacy_sessions_rollout_percent",
     "Percentage of visitors whose sessions the gateway keeps",
@@ -202,7 +204,7 @@ class LegacySessions(Plugin):
             source = "gateway"
         else:
             source = "none"
-        REQUESTS.labels(source).inc()
+        _BY_SOURCE[source].inc()
         self.stats.add(f"source:{source}")
         if source == "legacy":
             self.stats.add("imported")

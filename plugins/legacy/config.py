@@ -127,6 +127,15 @@ class LegacySessionsConfig(PluginConfig):
     active_query: Statement | None = None
     rollback: Rollback | None = None
 
+    @model_validator(mode="after")
+    def _cookie_kept_for_rollback(self) -> LegacySessionsConfig:
+        if self.rollback is not None and self.cookie.on_import == "expire":
+            raise ValueError(
+                "cookie.on_import: expire drops the legacy cookie a rollback needs; "
+                "keep it while rollback is on"
+            )
+        return self
+
     @field_validator("dsn")
     @classmethod
     def _dsn(cls, v: str) -> str:

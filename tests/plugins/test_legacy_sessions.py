@@ -7,7 +7,6 @@ server itself (pg_stat_statements)."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import secrets
 import subprocess
@@ -579,4 +578,76 @@ def test_bad_options_are_refused_at_start() -> None:
     assert "gateway's own" in refused(fields={"user_id": "a", "page_views": "b"})
     assert "rollout_percent" in refused(rollout_percent=101)
     assert "dsn" in refused(dsn="mysql://x")
-    logging.getLogger().debug("refusals checked")
+    expire = {"name": COOKIE, "on_import": "expire"}
+    assert "rollback needs" in refused(cookie=expire)
+
+
+async def test_the_configured_query_runs_on_a_read_only_connection(
+    make_gateway: GatewayFactory, upstream: Upstream, legacy: LegacyTable
+) -> None:
+    alice = await legacy.add(1001, "alice")
+    errors = lookups("db-error")
+    sneaky = options(legacy.dsn)
+    # Starts like a read; PostgreSQL refuses its DELETE in a read-only transaction.
+    sneaky["query"] = {
+        "sql": "WITH gone AS (DELETE FROM sessions RETURNING user_id, username, email) "
+        "SELECT * FROM gone WHERE $1 <> ''",
+        "params": ["token"],
+    }
+    gw = await make_gateway(plugins=[{"legacy_sessions": sneaky}])
+    assert (await gw.get("/page", headers=cookie(alice))).status == 200
+    assert upstream.last.header("X-Session-Authenticated") == "false"
+    assert lookups("db-error") == errors + 1
+    assert await legacy.row(alice) is not None
+
+
+async def test_the_legacy_cookie_can_be_expired_on_import(
+    make_gateway: GatewayFactory, upstream: Upstream, legacy: LegacyTable
+) -> None:
+    alice = await legacy.add(1001, "alice")
+    opts = options(legacy.dsn, rollback=None)
+    opts["cookie"] = {**opts["cookie"], "on_import": "expire", "path": "/shop"}
+    gw = await make_gateway(plugins=[{"legacy_sessions": opts}])
+    resp = await gw.get("/page", headers=cookie(alice))
+    assert upstream.last.header("X-Session-User-Id") == "1001"
+    set_cookies = {c.split("=")[0]: c for c in resp.headers.getall("Set-Cookie")}
+    assert sorted(set_cookies) == [COOKIE, "sid"]
+    expired = set_cookies[COOKIE]
+    assert expired.startswith(f"{COOKIE}=; Max-Age=0;") and "Path=/shop" in expired
+
+
+async def test_a_sqlite_legacy_table_as_the_source(
+    make_gateway: GatewayFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    path = tmp_path / "shop.sqlite3"
+    conn = sqlite3.connect(path)
+    for statement in SCHEMA[2:]:
+        conn.execute(statement)
+    alice = secrets.token_urlsafe(32)
+    conn.execute(
+        "INSERT INTO sessions (token, user_id, username, email, login_time, created_at, "
+        "last_activity) VALUES (?, 1001, 'alice', 'a@example.com', ?, ?, ?)",
+        (alice, time.time(), time.time(), time.time()),
+    )
+    conn.commit()
+    reads = READS._value.get()
+    gw = await make_gateway(plugins=[{"legacy_sessions": options(f"sqlite:{path}")}])
+    for _ in range(3):
+        gw.session.cookie_jar.clear()
+        await gw.get("/page", headers=cookie(alice))
+    assert upstream.last.header("X-Session-Username") == "alice"
+    assert READS._value.get() == reads + 1
+    # The rollback window's writes go to the same file.
+    upstream.reply_headers("/login", ("X-Session-Login", "user_id=7; username=sam"))
+    gw.session.cookie_jar.clear()
+    new = (await gw.post("/login")).cookies[COOKIE].value
+    deadline = time.monotonic() + 5
+    row = None
+    while row is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        row = conn.execute("SELECT user_id, username FROM sessions WHERE token = ?", (new,))
+        row = row.fetchone()
+    assert row == (7, "sam")
+    conn.close()
