@@ -65,9 +65,10 @@ class UpstreamHeaders:
         # A trusted proxy's host meets the rule the client's Host met (checks.py).
         headers["X-Forwarded-Host"] = host if host and valid_host(host) else request.host
         headers["X-Request-Id"] = ctx.request_id
-        # A bypassed request carries none at all (the client's are stripped above): the
-        # backend tells it from one the gateway vouches for by the missing
-        # X-Session-Authenticated, and keeps its own session handling for it.
+        # SECURITY: a bypassed request carries none at all, and the client's were
+        # stripped above: the backend tells it from one the gateway vouches for by the
+        # missing X-Session-Authenticated, and nothing a client sends can make it look
+        # vouched for.
         if ctx.route.session != "none" and not ctx.sessions_bypassed:
             _session_headers(ctx, headers)
         if self._signing is not None:

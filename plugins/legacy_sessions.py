@@ -213,6 +213,8 @@ class LegacySessions(Plugin):
         """Remember which legacy session a gateway session stands for: its end then ends
         the legacy one too (never imported again; deleted in the rollback window)."""
         mapping = {"h": h}
+        # SECURITY: the raw legacy token is kept only in the rollback window, where a
+        # logout must delete its row; it lives as long as the gateway session.
         if token is not None and self.config.rollback is not None:
             mapping["token"] = token
         key = self.services.keys.of("legacy", session.key_id)

@@ -5,6 +5,7 @@ direction, the backend's own cookies through."""
 
 from __future__ import annotations
 
+import pytest
 import redis
 
 from gateway.plugin import Plugin, RequestContext
@@ -28,6 +29,7 @@ class BypassBoomClosed(BypassBoom):
     fault_policy = "closed"
 
 
+@pytest.mark.security
 async def test_a_bypassed_request_has_no_gateway_session_either_way(
     make_gateway: GatewayFactory, upstream: Upstream, rdb: redis.Redis
 ) -> None:

@@ -112,6 +112,8 @@ class PostgresLegacy(LegacyDatabase):
         if pool is None:
             settings = {"application_name": "session-gateway legacy_sessions"}
             if read_only:
+                # SECURITY: the configured query runs where it cannot write, whatever it
+                # says (a WITH ... DELETE passes for a SELECT).
                 settings["default_transaction_read_only"] = "on"
             # min_size=0: no connection until the first call.
             pool = await asyncpg.create_pool(
@@ -186,6 +188,7 @@ class SqliteLegacy(LegacyDatabase):
         if self._read_conn is None:
             if not Path(self.path).exists():
                 raise sqlite3.OperationalError(f"no database at {self.path}")
+            # SECURITY: read-only, as the PostgreSQL reader (the query cannot write).
             uri = f"file:{Path(self.path).resolve()}?mode=ro"
             conn = sqlite3.connect(uri, uri=True, timeout=self.timeout, check_same_thread=False)
             conn.row_factory = sqlite3.Row

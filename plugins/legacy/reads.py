@@ -44,6 +44,8 @@ Result = tuple[Fields | None, str]
 
 
 def digest(token: str) -> str:
+    # SECURITY: Redis names legacy sessions by SHA-256 only: a dump holds no live
+    # legacy cookie (the rollback window's links aside, see legacy_sessions._link).
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
