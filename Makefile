@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: test lint typecheck pytest demo bench bench-smoke run system-deps clean
+.PHONY: test lint typecheck pytest demo migrate-demo bench bench-smoke run system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 
 # redis-server is needed by the tests (they start their own on free ports) and by the
 # embedded Redis mode of the demo; chromium and chromium-driver by the browser test of
-# the demo (tests/test_browser_demo.py). apt-get only runs when one is missing.
+# the demo (tests/test_browser_demo.py); PostgreSQL's initdb/pg_ctl by the legacy session
+# tests (tests/postgres.py: a private server on a free port, never the machine's own).
+# apt-get only runs when one is missing.
 system-deps:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server with apt-get"; \
@@ -25,6 +27,9 @@ system-deps:
 	  echo "installing chromium and chromium-driver with apt-get"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    chromium chromium-driver; }
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing postgresql with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway plugins tests bench examples
@@ -44,6 +49,11 @@ run: $(STAMP) system-deps
 
 demo: $(STAMP) system-deps
 	$(BIN)/python -m examples.fake_web_retailer.demo $(ARGS)
+
+# The case study's migration roadmap: the shop in legacy mode, then the gateway in front
+# at 10 %, 100 %, Redis only, cut over; session writes per minute at each phase.
+migrate-demo: $(STAMP) system-deps
+	$(BIN)/python -m examples.fake_web_retailer.migrate_demo $(ARGS)
 
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench $(ARGS)

@@ -1,4 +1,5 @@
-"""``python -m gateway --config config.yaml [--check] [--log-format json]``."""
+"""``python -m gateway --config config.yaml [--check] [--log-format json]``;
+``python -m gateway migrate status --config config.yaml`` (migrate.py)."""
 
 from __future__ import annotations
 
@@ -101,6 +102,11 @@ async def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["migrate"]:
+        from . import migrate
+
+        return migrate.main(given[1:])
     args = _args(argv)
     try:
         settings = load_settings(args.config)

@@ -44,13 +44,16 @@ def registry() -> Mapping[str, str]:
 
 
 class _RouteChain:
-    """The plugins one route runs, and those of them with a prefetch or a session
-    source: worked out once per route, not on every request."""
+    """The plugins one route runs, and those of them with a prefetch, a session source
+    or a say in bypassing sessions: worked out once per route, not on every request."""
 
-    __slots__ = ("plugins", "prefetchers", "sources")
+    __slots__ = ("bypassers", "plugins", "prefetchers", "sources")
 
     def __init__(self, plugins: list[Plugin]) -> None:
         self.plugins = plugins
+        self.bypassers = [
+            p for p in plugins if type(p).bypass_sessions is not Plugin.bypass_sessions
+        ]
         self.prefetchers = [p for p in plugins if type(p).prefetch is not Plugin.prefetch]
         self.sources = [p for p in plugins if type(p).find_session is not Plugin.find_session]
 
@@ -131,6 +134,20 @@ class Chain:
         for name, n in spans:
             ctx.prefetched[name] = results[i : i + n]
             i += n
+
+    def bypass_sessions(self, ctx: RequestContext) -> tuple[bool, bool]:
+        """(ok, bypass): whether a plugin leaves this request's session to the backend.
+        ok is False when a hook raised and its plugin's policy is closed."""
+        for p in self.route(ctx.route).bypassers:
+            try:
+                if p.bypass_sessions(ctx):
+                    return True, True
+            except Exception:
+                metrics.PLUGIN_ERRORS.labels(p.name).inc()
+                log.exception("plugin %s: bypass_sessions hook raised", p.name)
+                if p.fault_policy == "closed":
+                    return False, False
+        return True, False
 
     async def find_session(self, ctx: RequestContext) -> dict[str, str] | None:
         for p in self.route(ctx.route).sources:

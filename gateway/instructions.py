@@ -131,6 +131,12 @@ class Applier:
         values = collect(headers, ctx.route.instructions, self.table)
         if not values:
             return
+        if ctx.sessions_bypassed:
+            # The backend keeps this visitor's session itself: a login here would start
+            # a gateway session the rollout did not choose.
+            for h in values:
+                dropped(h.removeprefix("x-session-"), "sessions-bypassed")
+            return
         route_plugins = self.chain.route(ctx.route).plugins
         mine: dict[str, str] = {}
         for h, v in values.items():

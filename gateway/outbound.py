@@ -65,7 +65,11 @@ class UpstreamHeaders:
         # A trusted proxy's host meets the rule the client's Host met (checks.py).
         headers["X-Forwarded-Host"] = host if host and valid_host(host) else request.host
         headers["X-Request-Id"] = ctx.request_id
-        if ctx.route.session != "none":
+        # SECURITY: a bypassed request carries none at all, and the client's were
+        # stripped above: the backend tells it from one the gateway vouches for by the
+        # missing X-Session-Authenticated, and nothing a client sends can make it look
+        # vouched for.
+        if ctx.route.session != "none" and not ctx.sessions_bypassed:
             _session_headers(ctx, headers)
         if self._signing is not None:
             # Last, over the headers exactly as they leave (also on session: none routes:

@@ -94,6 +94,9 @@ class RequestContext:
     # Set-Cookie values this request decided on (a new session, an expiry); every
     # answer, whoever makes it, carries them.
     cookies: list[str] = field(default_factory=list)
+    # Set when a plugin's bypass_sessions hook left this request's session to the
+    # backend: no gateway session, no session cookie, no X-Session-* header either way.
+    sessions_bypassed: bool = False
 
 
 class Plugin:
@@ -130,6 +133,20 @@ class Plugin:
         exist.
         """
         return ()
+
+    def bypass_sessions(self, ctx: RequestContext) -> bool:
+        """Before the session is resolved, on ``session: optional`` routes: True leaves
+        this request's session to the backend, as if the gateway were not there (a
+        gradual rollout sends the rest of the visitors through untouched).
+
+        A bypassed request gets no gateway session (none is read, created or adopted),
+        no session cookie is set or expired, the backend receives no X-Session-* header
+        at all (the client's are stripped as always) and its instructions are dropped
+        and counted. The first plugin that answers True decides; ``ctx.sessions_bypassed``
+        tells the later hooks. ``session: required`` routes never ask: their backend
+        relies on a live session. Runs on every request of the route: no I/O, no await.
+        """
+        return False
 
     async def find_session(self, ctx: RequestContext) -> dict[str, str] | None:
         """A session source after the gateway's own (the near-cache, then Redis) found
@@ -179,3 +196,10 @@ class Plugin:
         """These sessions are gone from Redis (a logout, a logout everywhere step, an
         admin revoke, a user's oldest sessions past ``session.max_per_user``): clean up
         what is kept for them."""
+
+    async def migration_status(self) -> list[tuple[str, str]] | None:
+        """Rows (label, value) for ``python -m gateway migrate status``: a session source
+        reports how far a migration has come. Called on a plugin built from the config in
+        a process of its own, without ``startup``: open what it needs and close it
+        again. None: nothing to report."""
+        return None

@@ -7,4 +7,5 @@ BUILTIN = {
     "viewed_items": "plugins.viewed_items",
     "page_cache": "plugins.page_cache",
     "rate_limit": "plugins.rate_limit",
+    "legacy_sessions": "plugins.legacy_sessions",
 }

@@ -390,3 +390,7 @@ async def start_backend(handler: Handler) -> tuple[web.AppRunner, str]:
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner, f"http://127.0.0.1:{port}"
+
+
+# A private PostgreSQL (initdb/pg_ctl on a free port) for the legacy session tests.
+from .postgres import pg_dsn, postgres_server  # noqa: E402, F401

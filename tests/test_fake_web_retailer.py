@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -22,7 +20,6 @@ from examples.fake_web_retailer.views import STATE
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
 
-PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "database": "postgres"}
 
 
 def instruction(value: str) -> dict[str, str]:
@@ -49,18 +46,10 @@ async def gateway_shop(aiohttp_client: MakeClient, sqlite_url: str) -> Client:
 
 
 @pytest.fixture
-async def postgres_url() -> AsyncIterator[str]:
-    try:
-        admin = await asyncpg.connect(**PG_ADMIN, timeout=3)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432 as user postgres: {exc!r}")
-    name = f"fwr_test_{uuid.uuid4().hex[:12]}"
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+def postgres_url(pg_dsn: str) -> str:
+    """A fresh database on the tests' private PostgreSQL (tests/postgres.py), never the
+    machine's own."""
+    return pg_dsn
 
 
 def no_session_cookie(resp: Any) -> bool:

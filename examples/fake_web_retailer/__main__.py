@@ -23,7 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--mode", choices=MODES, default="gateway",
                         help="gateway: sessions come from the Session Gateway's headers; "
-                             "legacy: the shop keeps its own sessions table")
+                             "legacy: the shop keeps its own sessions table; migrating: "
+                             "both, per request (behind a gateway rolling out)")
     db = parser.add_mutually_exclusive_group()
     db.add_argument("--db", default=DEFAULT_DB, help="sqlite:PATH (default: %(default)s)")
     db.add_argument("--dsn", help="postgresql://user:pass@host:port/dbname")
@@ -47,7 +48,7 @@ def _is_loopback(host: str) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.mode == "gateway" and not _is_loopback(args.host):
+    if args.mode in ("gateway", "migrating") and not _is_loopback(args.host):
         print(
             "warning: gateway mode trusts X-Session-* request headers; make sure only the "
             "Session Gateway can reach this address",

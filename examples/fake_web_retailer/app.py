@@ -11,10 +11,11 @@ from . import templates
 from .db import open_database
 from .flash import cookies_middleware, take_flash
 from .inspector import RedisLens
+from .migrating import MigratingSessions
 from .sessions import SESSION, GatewaySessions, LegacySessions, SessionStore
 from .views import PRIVATE, STATE, ShopState, routes
 
-MODES = ("gateway", "legacy")
+MODES = ("gateway", "legacy", "migrating")
 # No session work for probes: a health check must not create legacy sessions.
 _SESSIONLESS = frozenset({"/healthz"})
 
@@ -69,16 +70,20 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
 def make_app(
     mode: str, db_url: str, *, idle_ttl: float = 3600.0, inspect_redis: str | None = None
 ) -> web.Application:
-    """The shop. ``mode``: ``gateway`` or ``legacy``; ``db_url``: ``sqlite:PATH`` or
-    ``postgresql://…``. The database is opened, created and seeded at startup.
-    ``inspect_redis``: a Redis URL the inspector page may read the session's keys from
-    (the demo's; read-only, never the shop's sessions)."""
+    """The shop. ``mode``: ``gateway``, ``legacy`` or ``migrating`` (migrating.py);
+    ``db_url``: ``sqlite:PATH`` or ``postgresql://…``. The database is opened, created and
+    seeded at startup. ``inspect_redis``: a Redis URL the inspector page may read the
+    session's keys from (the demo's; read-only, never the shop's sessions)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     db = open_database(db_url)
-    store: SessionStore = (
-        GatewaySessions() if mode == "gateway" else LegacySessions(db, idle_ttl=idle_ttl)
-    )
+    store: SessionStore
+    if mode == "gateway":
+        store = GatewaySessions()
+    elif mode == "migrating":
+        store = MigratingSessions(db, idle_ttl=idle_ttl)
+    else:
+        store = LegacySessions(db, idle_ttl=idle_ttl)
     state = ShopState(mode=mode, db=db, store=store)
 
     app = web.Application(

@@ -1,7 +1,8 @@
-"""Which session a request has: the cookie, then the sources in order — this process's
-near-cache, Redis (with the plugins' prefetch reads in the same pipeline), then any
-plugin source (a read-through from another store) — then the route's policy: an expired
-cookie, ``session: required``, ``on_redis_error``.
+"""Which session a request has: first whether a plugin leaves it to the backend
+(``bypass_sessions``, a gradual rollout), then the cookie, then the sources in order —
+this process's near-cache, Redis (with the plugins' prefetch reads in the same pipeline),
+then any plugin source (a read-through from another store) — then the route's policy:
+an expired cookie, ``session: required``, ``on_redis_error``.
 
 ``resolve`` sets ``ctx.session`` and answers only when the route must not go on: a
 required route without a session (401 or the login redirect) or Redis failing where
@@ -38,6 +39,14 @@ class SessionResolver:
 
     async def resolve(self, ctx: RequestContext) -> web.StreamResponse | None:
         request, route = ctx.request, ctx.route
+        # Only optional routes: a required route's backend relies on a live session.
+        if route.session == "optional" and self.chain.route(route).bypassers:
+            ok, bypass = self.chain.bypass_sessions(ctx)
+            if not ok:
+                return unavailable()
+            if bypass:
+                ctx.sessions_bypassed = True
+                return None
         values = self.cookie.values(request.headers.getall("Cookie", ()))
         # Two values for our cookie (e.g. one planted on a parent domain) is ambiguous:
         # take neither rather than guess which one the user really holds.
