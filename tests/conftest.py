@@ -4,9 +4,11 @@ upstream servers that record what they receive, and the gateway app itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -338,6 +340,9 @@ def gateway_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Gatew
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             preexec_fn=None if nofile is None else lambda: limit_files(nofile),
+            # Its own process group: the teardown ends the workers of a supervisor too
+            # (killing the supervisor alone left them running, holding ports and CPU).
+            start_new_session=True,
         )
         procs.append(proc)
         deadline = time.monotonic() + 15
@@ -355,9 +360,9 @@ def gateway_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Gatew
 
     yield start
     for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
 
 async def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:

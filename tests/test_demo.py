@@ -5,12 +5,14 @@ Web Retailer; it then serves until Ctrl-C, which stops it at any moment with one
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,15 +41,34 @@ def test_demo_walk_passes_end_to_end(tmp_path: Path) -> None:
     assert r.stdout.rstrip().endswith(STOPPED)
 
 
+_STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_demo_left_behind() -> Iterator[None]:
+    """A test that fails before it interrupts its demo must not leave it running (with
+    its gateway, shop and Redis)."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def start(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [*DEMO, "--port", "0", "--data-dir", str(tmp_path), *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
     )
+    _STARTED.append(proc)
+    return proc
 
 
 def interrupt(proc: subprocess.Popen[str]) -> str:
