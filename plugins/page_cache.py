@@ -229,7 +229,7 @@ class PageCache(Plugin):
                 if names is not None:
                     key = self._entry_key(base, req, names)
                     # The body is bytes: read it undecoded from the shared (decoding) client.
-                    raw = await self.services.redis.execute_command(  # type: ignore[no-untyped-call]
+                    raw = await self.services.redis.execute_command(
                         "GET", key, **{NEVER_DECODE: True}
                     )
                     if raw is not None:
