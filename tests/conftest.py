@@ -390,3 +390,7 @@ async def start_backend(handler: Handler) -> tuple[web.AppRunner, str]:
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner, f"http://127.0.0.1:{port}"
+
+
+# Real Sentinel and Cluster topologies (tests/topologies.py).
+pytest_plugins = ["tests.topologies"]

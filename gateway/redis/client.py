@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,12 @@ class RedisLayer:
         """Background work of the layer: the Sentinel watch (asks where the master is)."""
         if self.watch is not None:
             self.watch.start()
+
+    def on_master_change(self, listener: Callable[[tuple[str, int]], None]) -> None:
+        """Call ``listener`` with the new master's address whenever the Sentinels name
+        another one (never, for the other topologies)."""
+        if self.watch is not None:
+            self.watch.listeners.append(listener)
 
     def script(self, source: str, op: str | None = None) -> BoundScript:
         """A Lua script run on this layer's client (EVALSHA, NOSCRIPT handled)."""

@@ -8,7 +8,8 @@ closed here:
 - *Which Sentinel to believe.* redis-py takes the first Sentinel that answers; one that
   has not yet heard of a failover names the old master. :class:`Sentinels` asks them all
   at once and believes the answer with the highest ``config-epoch`` (each failover
-  raises it), among those that see that master up.
+  raises it), among those that see that master up; at the same epoch, not the Sentinel
+  still leading the failover (it names the old master until the end).
 - *Connections opened before a failover.* A master demoted by ``SENTINEL FAILOVER``, or
   one that was stopped and resumes, keeps serving its clients as a master until the
   Sentinels reconfigure it, which they do only after 4 times their 2 s publish period: writes
@@ -110,12 +111,20 @@ class Sentinels(Sentinel):
             state = t.result()
             if not isinstance(state, dict) or not self.check_master_state(state, service_name):
                 continue
-            if best is None or state["config-epoch"] > best["config-epoch"]:
+            if best is None or _rank(state) > _rank(best):
                 best = state
         if best is None:
             why = "; ".join(errors[:3]) or "no Sentinel sees it up"
             raise MasterNotFoundError(f"no master for {service_name!r} ({why})")
         return str(best["ip"]), int(best["port"])
+
+
+def _rank(state: dict[str, Any]) -> tuple[int, bool]:
+    """Which Sentinel's answer is newest: the higher config epoch; at the same epoch,
+    not the one leading a failover (it takes the new epoch at promotion but names the
+    old master until the replicas are reconfigured, while the others already name the
+    new one)."""
+    return int(state["config-epoch"]), "failover_in_progress" not in str(state["flags"])
 
 
 class MasterPool(SentinelConnectionPool, BlockingConnectionPool):

@@ -129,6 +129,7 @@ class ActivityWriter:
         self._retry: list[Batch] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._backoff_reset = False
         self._stopping = False
         self.link = link
         self.cache = cache
@@ -198,12 +199,21 @@ class ActivityWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="activity-writer")
 
+    def retry_now(self, *_: object) -> None:
+        """Redis is back (the Sentinels named a new master): flush at once rather than
+        at the end of the backoff."""
+        self._backoff_reset = True
+        self._wake.set()
+
     async def _run(self) -> None:
         backoff = self.settings.flush_interval
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), backoff)
             self._wake.clear()
+            if self._backoff_reset:
+                self._backoff_reset = False
+                backoff = self.settings.flush_interval
             await self.flush()
             # Back off only while batches wait for a retry (Redis failed). Activity that
             # arrived during the flush is no failure: under steady traffic there always

@@ -53,6 +53,8 @@ class SessionLayer:
             self.activity,
             writes=redis.writes,
         )
+        # Activity kept through a failover goes to the new master at once.
+        redis.on_master_change(self.activity.retry_now)
         self.cookie = SessionCookie(settings)
         self.actions = SessionActions(settings, self.store, self.activity, chain)
         self.resolver = SessionResolver(self.store, chain, self.cookie, self.actions)
