@@ -352,6 +352,13 @@ class ClusterTopology:
     def config(self, **extra: Any) -> dict[str, Any]:
         return {"nodes": self.addresses[:3], **extra}
 
+    def client(self) -> redis.RedisCluster:
+        """A cluster client (it follows slots and failovers) for checking data."""
+        live = next(n for n in self.nodes.values() if n.alive and not n.stopped)
+        return redis.RedisCluster(
+            host=HOST, port=live.port, decode_responses=True, socket_timeout=2
+        )
+
     def _shards(self) -> list[dict[str, Any]]:
         for n in self.nodes.values():
             if n.alive and not n.stopped:

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+import orjson
 from aiohttp import web
 from prometheus_client import Counter
 from pydantic import Field
@@ -74,8 +75,7 @@ local function money(c)
   local r = c % 100
   return string.format('%.0f.%02d', (c - r) / 100, r)
 end
-local function read_items(key)
-  local all = redis.call('HGETALL', key)
+local function read_fields(all)
   local items, order = {}, {}
   for i = 1, #all, 2 do
     if string.sub(all[i], 1, 5) == 'item:' then
@@ -91,6 +91,9 @@ local function read_items(key)
     end
   end
   return items, order
+end
+local function read_items(key)
+  return read_fields(redis.call('HGETALL', key))
 end
 local function write_cart(key, items, order, ttl)
   redis.call('DEL', key)
@@ -137,9 +140,10 @@ end
 """
 
 # KEYS[1] = cart, KEYS[2] = its session (the change is skipped when that is gone),
-# KEYS[3] = user copy (only for an authenticated session that keeps one)
+# KEYS[3] = user copy (only for an authenticated session that keeps one, on one node)
 # ARGV = ttl, max_items, user_ttl, then per instruction: op, sku, qty, cents
-# Returns {total_items, total_value, outcome per instruction}.
+# Returns {total_items, total_value, outcome per instruction}; with user_ttl 0 (a
+# cluster, whose copy is written in a step of its own) followed by the cart's fields.
 _APPLY = (
     _LUA_COMMON
     + """
@@ -192,22 +196,20 @@ local qty, cents = write_cart(KEYS[1], items, order, ttl)
 if KEYS[3] then mirror(KEYS[1], KEYS[3], user_ttl) end
 local out = {tostring(qty), money(cents)}
 for _, o in ipairs(outcomes) do table.insert(out, o) end
+if user_ttl == 0 then
+  -- The cluster's first step (the user copy is in another slot): the cart's fields
+  -- follow the outcomes, for the copy's own step.
+  for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do table.insert(out, v) end
+end
 return out
 """
 )
 
-# KEYS[1] = new session's cart, KEYS[2] = old session's cart, KEYS[3] = user copy
-# ARGV = ttl, max_items, user_ttl, take_old, take_user, keep_user_copy
-# User copy first, then the old (guest) cart: quantities of one sku add up (capped), the
-# guest's price wins as the more recent one. Returns {total_items, dropped items}.
-_MERGE = (
-    _LUA_COMMON
-    + """
-local ttl, max_items, user_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local items, order = read_items(KEYS[1])
+# Merging more items into a cart (``items``, ``order``): quantities of one sku add up
+# (capped), the later source's price wins. Shared by the one-node and the cluster merge.
+_LUA_ABSORB = """
 local dropped = 0
-local function absorb(key)
-  local more, more_order = read_items(key)
+local function absorb_items(items, order, more, more_order, max_items)
   for _, sku in ipairs(more_order) do
     local add, it = more[sku], items[sku]
     local old_q, old_c = 0, 0
@@ -222,12 +224,49 @@ local function absorb(key)
     end
   end
 end
+"""
+
+# KEYS[1] = new session's cart, KEYS[2] = old session's cart, KEYS[3] = user copy
+# ARGV = ttl, max_items, user_ttl, take_old, take_user, keep_user_copy
+# User copy first, then the old (guest) cart: the guest's price wins as the more recent
+# one. Returns {total_items, dropped items}. All three keys in one script: one node only.
+_MERGE = (
+    _LUA_COMMON
+    + _LUA_ABSORB
+    + """
+local ttl, max_items, user_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local items, order = read_items(KEYS[1])
+local function absorb(key)
+  local more, more_order = read_items(key)
+  absorb_items(items, order, more, more_order, max_items)
+end
 if ARGV[5] == '1' then absorb(KEYS[3]) end
 if ARGV[4] == '1' then absorb(KEYS[2]) end
 local qty = write_cart(KEYS[1], items, order, ttl)
 if KEYS[2] ~= KEYS[1] then redis.call('DEL', KEYS[2]) end
 if ARGV[6] == '1' then mirror(KEYS[1], KEYS[3], user_ttl) end
 return {tostring(qty), dropped}
+"""
+)
+
+# The cluster's merge step, on the new session's slot alone: KEYS[1] = new session's
+# cart; ARGV = ttl, max_items, then the user copy's and the old cart's fields (each a
+# JSON array field, value, ...; read in earlier steps). Returns {total_items, dropped
+# items, the cart's fields...} (for the user copy's step).
+_MERGE_INTO = (
+    _LUA_COMMON
+    + _LUA_ABSORB
+    + """
+local ttl, max_items = tonumber(ARGV[1]), tonumber(ARGV[2])
+local items, order = read_items(KEYS[1])
+for i = 3, 4 do
+  local more, more_order = read_fields(cjson.decode(ARGV[i]))
+  absorb_items(items, order, more, more_order, max_items)
+end
+local qty = write_cart(KEYS[1], items, order, ttl)
+local out = {tostring(qty), dropped}
+for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do table.insert(out, v) end
+return out
 """
 )
 
@@ -335,6 +374,7 @@ class Cart(Plugin):
     async def startup(self) -> None:
         self._apply = self.services.script(_APPLY)
         self._merge = self.services.script(_MERGE)
+        self._merge_into = self.services.script(_MERGE_INTO)
 
     def _key(self, key_id: str) -> str:
         return self.services.keys.of("cart", key_id)
@@ -392,11 +432,20 @@ class Cart(Plugin):
         if not kinds:
             return
         keys = [self._key(s.key_id), self.services.keys.session(s.key_id)]
-        if self.config.persist_user_cart and s.user_id:
-            keys.append(self._user_key(s.user_id))
+        copy = self.config.persist_user_cart and bool(s.user_id)
+        if copy and self.services.cluster:
+            # The user copy is in the user's slot: the script changes the cart (its
+            # session's slot) and hands back its fields, which the next step mirrors.
+            # Stopped between the two, the copy is behind the cart until its next change.
+            args[2] = 0
+        elif copy:
+            keys.append(self._user_key(s.user_id or ""))
         async with asyncio.timeout(self.services.redis_timeout):
             res = cast(list[Any], await self._apply(keys=keys, args=args))
-        for kind, outcome in zip(kinds, res[2:], strict=True):
+            fields = res[2 + len(kinds) :]
+            if args[2] == 0 and len(res) > 2 and res[2] != "no-session":
+                await self._mirror(s.user_id or "", fields)
+        for kind, outcome in zip(kinds, res[2 : 2 + len(kinds)], strict=True):
             CART_INSTRUCTIONS.labels(kind, str(outcome)).inc()
             if outcome != "applied":
                 log.warning("cart %s: %s", kind, outcome)
@@ -413,26 +462,82 @@ class Cart(Plugin):
         new_key = self._key(new.key_id)
         old_key = self._key(old.key_id) if old is not None else new_key
         async with asyncio.timeout(self.services.redis_timeout):
-            res = cast(
-                list[Any],
-                await self._merge(
-                    keys=[new_key, old_key, self._user_key(uid)],
-                    args=[
-                        self.config.ttl,
-                        self.config.max_items,
-                        self.config.user_cart_ttl,
-                        int(take_old),
-                        int(take_user),
-                        int(persist),
-                    ],
-                ),
-            )
+            if self.services.cluster:
+                res = await self._merge_in_steps(new_key, old_key, uid, take_old, take_user)
+            else:
+                res = cast(
+                    list[Any],
+                    await self._merge(
+                        keys=[new_key, old_key, self._user_key(uid)],
+                        args=[
+                            self.config.ttl,
+                            self.config.max_items,
+                            self.config.user_cart_ttl,
+                            int(take_old),
+                            int(take_user),
+                            int(persist),
+                        ],
+                    ),
+                )
         if int(res[1]):
             CART_INSTRUCTIONS.labels("merge", "cart-full").inc(int(res[1]))
             log.warning("cart merge at login dropped %s items (cart full)", res[1])
 
+    async def _merge_in_steps(
+        self, new_key: str, old_key: str, uid: str, take_old: bool, take_user: bool
+    ) -> list[Any]:
+        """The login's merge in a cluster, where the new cart, the old one and the user
+        copy are in three slots: one step per slot, each safe to be the last."""
+        redis = self.services.redis
+        persist = self.config.persist_user_cart and bool(uid)
+        user_key = self._user_key(uid)
+        # 1. Read what comes along (the copy, the old cart); nothing has changed yet.
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(user_key if take_user else new_key)
+            pipe.hgetall(old_key if take_old and old_key != new_key else new_key)
+            copy, old_cart = await pipe.execute()
+        if not take_user:
+            copy = {}
+        if not take_old or old_key == new_key:
+            old_cart = {}
+        # 2. The new cart (its session's slot) gets both. Stopped after this, the items
+        #    are in the new cart, the copy is behind until the cart's next change, and
+        #    the old cart stays under a session that is gone (nothing reads it; it
+        #    expires after ttl): nothing is lost, nothing counted twice.
+        res = cast(
+            list[Any],
+            await self._merge_into(
+                keys=[new_key],
+                args=[
+                    self.config.ttl,
+                    self.config.max_items,
+                    orjson.dumps([x for kv in copy.items() for x in kv]),
+                    orjson.dumps([x for kv in old_cart.items() for x in kv]),
+                ],
+            ),
+        )
+        # 3. The user copy (the user's slot) mirrors the new cart.
+        if persist:
+            await self._mirror(uid, res[2:])
+        # 4. The old cart goes (its slot).
+        if old_cart:
+            await redis.delete(old_key)
+        return res
+
+    async def _mirror(self, user_id: str, fields: list[Any]) -> None:
+        """The user copy becomes ``fields`` (field, value, ...): one transaction on the
+        user's slot."""
+        key = self._user_key(user_id)
+        async with self.services.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            if fields:
+                pipe.hset(key, mapping=dict(zip(fields[::2], fields[1::2], strict=True)))
+                pipe.expire(key, self.config.user_cart_ttl)
+            await pipe.execute()
+
     async def sessions_deleted(self, key_ids: list[str]) -> None:
         # The user's copy stays: that is what brings the cart back at the next login.
+        # In a cluster redis-py's DEL of several keys goes slot by slot.
         async with asyncio.timeout(self.services.redis_timeout):
             await self.services.redis.delete(*[self._key(k) for k in key_ids])
 
