@@ -68,7 +68,9 @@ class Supervisor:
                     proc.send_signal(signal.SIGTERM)
             code = await proc.wait()
             if self.stopping.is_set():
-                return code
+                # A worker still starting when SIGTERM came dies of it before it could
+                # handle it: it had nothing to drain.
+                return 0 if code in (-signal.SIGTERM, -signal.SIGINT) else code
             ran = time.monotonic() - started
             if ran >= STABLE:
                 backoff = BACKOFF_FIRST

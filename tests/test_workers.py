@@ -49,10 +49,11 @@ def test_a_crashed_worker_is_restarted_and_sigterm_drains_all(
                         assert resp.status == 200
                 now = children(gp.proc.pid)
                 if len(now) == 2 and victim not in now:
-                    break
+                    (new,) = now - first
+                    if f"pid {new})" in gp.log():  # listening
+                        break
                 assert time.monotonic() < deadline + 15, gp.log()
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(1.0)  # the new worker listening too
             for _ in range(10):
                 async with s.get(gp.url + "/static/y") as resp:
                     assert resp.status == 200
