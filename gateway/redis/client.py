@@ -27,7 +27,7 @@ from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 
 from .. import metrics
-from ..config import RedisSettings, RedisTlsSettings, Settings
+from ..config import ConfigError, RedisSettings, RedisTlsSettings, Settings
 from .cluster import cluster_client
 from .durable import Writes
 from .embedded import EmbeddedRedis
@@ -57,6 +57,26 @@ def tls_options(tls: RedisTlsSettings | None) -> dict[str, Any]:
         opts["ssl_certfile"] = tls.cert
         opts["ssl_keyfile"] = tls.key
     return opts
+
+
+def check_tls(tls: RedisTlsSettings | None) -> None:
+    """Load ``redis.tls``'s files now, so that a bad one stops the start and --check
+    with one line naming its key (ConfigError), not every connection later."""
+    if tls is None:
+        return
+    ctx = ssl.create_default_context()
+    try:
+        if tls.ca is not None:
+            ctx.load_verify_locations(cafile=tls.ca)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"redis.tls.ca: cannot load {tls.ca}: {e}") from None
+    if tls.cert is not None and tls.key is not None:
+        try:
+            ctx.load_cert_chain(tls.cert, tls.key)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(
+                f"redis.tls.cert: cannot load {tls.cert} with key {tls.key}: {e}"
+            ) from None
 
 
 def _options(settings: RedisSettings) -> dict[str, Any]:
