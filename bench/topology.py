@@ -419,7 +419,7 @@ class ClusterTopology:
         wait_until("cluster healthy", self.healthy, timeout, every=0.1)
 
     def slot_owners(self) -> set[int]:
-        return {int(s[2][1]) for s in self._slots()}
+        return {int(s[2][1]) for s in self.slots()}
 
     def wait_promoted(self, dead: int, timeout: float = 20) -> Node:
         """The replica that took over the slots of the dead master ``dead``: once every
@@ -436,7 +436,7 @@ class ClusterTopology:
         node: Node = wait_until("a replica promoted", new_owner, timeout, every=0.1)
         return node
 
-    def _slots(self) -> list[Any]:
+    def slots(self) -> list[Any]:
         for n in self.nodes.values():
             if n.alive and not n.stopped:
                 with n.client(0.5) as c:
