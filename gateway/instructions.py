@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 from multidict import CIMultiDictProxy
 
 from . import metrics
-from .forwarded import bucket
 from .errors import RedisUnavailable
+from .forwarded import bucket
 from .headers import SESSION_PREFIX, normalized, parse_params
 
 if TYPE_CHECKING:
