@@ -125,7 +125,7 @@ def copy(
             pipe.dump(old)
             pipe.pttl(old)
         dumped = pipe.execute()
-        tpipe = target.pipeline(transaction=False)
+        tpipe = target.pipeline(transaction=False)  # type: ignore[no-untyped-call]
         restored = []
         for i, (_, family, new) in enumerate(moves):
             data, ttl = dumped[2 * i], dumped[2 * i + 1]
@@ -162,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         ("user_sessions", "user_sessions_ending", *[k for k in args.user_kinds.split(",") if k]),
     )
     source = redis.Redis.from_url(args.source, socket_timeout=10)
-    nodes = [ClusterNode(n.rpartition(":")[0], int(n.rpartition(":")[2])) for n in cluster.nodes]
+    nodes = [
+        ClusterNode(n.rpartition(":")[0], int(n.rpartition(":")[2]))  # type: ignore[no-untyped-call]
+        for n in cluster.nodes
+    ]
     tls = tls_options(settings.redis.tls)
     target = RedisCluster(
         startup_nodes=nodes,
