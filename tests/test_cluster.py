@@ -196,6 +196,18 @@ async def test_wait_refuses_a_login_the_replicas_do_not_have(
     make_gateway: GatewayFactory, upstream: Upstream, cluster: ClusterTopology
 ) -> None:
     gw = await make_gateway(cluster_cfg(cluster, upstream, redis={"wait": {"replicas": 1}}))
+    for m in cluster.masters():
+        with m.client() as c:
+            c.script_flush()  # the scripts are loaded again, on every master
+    token = await login(gw, upstream, "w1")
+    # With the replicas up, a logout everywhere (a script on the user's slot, then the
+    # sessions' DELs, each followed by WAIT) is acknowledged.
+    upstream.reply_headers("/bye", ("X-Session-Logout", "all"))
+    assert await get(gw, "/bye", token) == 200
+    rc = cluster.client()
+    assert not rc.exists(session_key(token))
+    rc.close()
+    gw.session.cookie_jar.clear()
     assert await login(gw, upstream, "w1")
     masters = {m.port for m in cluster.masters()}
     replicas = [n for p, n in cluster.nodes.items() if p not in masters]

@@ -4,10 +4,13 @@ and logouts, and the key tags a cluster's activity markers get."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +138,8 @@ async def test_wait_without_enough_replicas_refuses_logins(
     assert resp.status == 503
     assert "sid" not in resp.cookies or not resp.cookies["sid"].value
     # With one replica it is.
+    with redis_server.client() as c:
+        c.config_set("repl-diskless-sync-delay", 0)  # the replica's first sync at once
     d = tmp_path / "replica"
     d.mkdir()
     replica = RedisServer(d, ("--replicaof", "127.0.0.1", str(redis_server.port)))
@@ -150,11 +155,12 @@ async def test_wait_without_enough_replicas_refuses_logins(
         replica.kill()
 
 
-@pytest.mark.skipif(OPENSSL is None, reason="the openssl CLI makes the test certificate")
-async def test_rediss_with_a_ca(
-    make_gateway: GatewayFactory, upstream: Upstream, tmp_path: Path
-) -> None:
-    assert OPENSSL is not None
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A redis-server speaking TLS only, with a self-signed certificate (its CA); set up
+    before the gateways of a test, so it stops after them."""
+    if OPENSSL is None:
+        pytest.skip("the openssl CLI makes the test certificate")
     subprocess.run(
         [
             OPENSSL, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -175,28 +181,33 @@ async def test_rediss_with_a_ca(
         ],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    try:
-        cfg = base_config(f"rediss://127.0.0.1:{port}/0", upstream.url)
-        cfg["redis"]["tls"] = {"ca": str(tmp_path / "cert.pem")}
-        cfg["redis"]["connect_timeout"] = 2
-        gw = None
-        for _ in range(50):  # the server starting
-            await asyncio.sleep(0.1)
-            gw = await make_gateway(cfg)
-            upstream.reply_headers("/login", ("X-Session-Login", "user_id=5"))
-            resp = await gw.post("/login")
-            if resp.status == 200:
-                break
-        assert gw is not None and resp.status == 200
-        token = resp.cookies["sid"].value
-        resp = await gw.get("/home", cookies={"sid": token})
-        assert upstream.last.header("X-Session-User-Id") == "5"
-        # Without the CA the server's certificate is refused: no session.
-        cfg["redis"]["tls"] = {}
-        bad = await make_gateway(cfg)
-        resp = await bad.get("/home", cookies={"sid": token})
-        assert resp.status == 200
-        assert upstream.last.header("X-Session-Authenticated") == "false"
-    finally:
-        proc.kill()
-        proc.wait()
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as raw:
+                with ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
+                    break
+        except OSError:
+            assert time.monotonic() < deadline, "TLS redis-server did not start"
+            time.sleep(0.05)
+    yield port, tmp_path / "cert.pem"
+    proc.kill()
+    proc.wait()
+
+
+async def test_rediss_with_a_ca(
+    tls_redis: tuple[int, Path], make_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    port, ca = tls_redis
+    cfg = base_config(f"rediss://127.0.0.1:{port}/0", upstream.url)
+    cfg["redis"]["tls"] = {"ca": str(ca)}
+    gw = await make_gateway(cfg)
+    token = await login(gw, upstream, "5")
+    assert (await gw.get("/home", cookies={"sid": token})).status == 200
+    assert upstream.last.header("X-Session-User-Id") == "5"
+    # Without the CA the server's certificate is refused: no session.
+    cfg["redis"]["tls"] = {}
+    bad = await make_gateway(cfg)
+    assert (await bad.get("/home", cookies={"sid": token})).status == 200
+    assert upstream.last.header("X-Session-Authenticated") == "false"

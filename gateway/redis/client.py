@@ -219,6 +219,7 @@ class RedisLayer:
         return link
 
     async def close(self) -> None:
+        await self.writes.close()
         if self.watch is not None:
             await self.watch.stop()
         if isinstance(self.client, Redis):

@@ -106,10 +106,17 @@ class Writes:
 
     async def call(self, *command: Any) -> Any:
         """One command (a script call) on its slot, then WAIT: the ``execute`` of a
-        Script (scripts.py) whose writes must be durable."""
-        if self.wait is None:
+        Script (scripts.py) whose writes must be durable. SCRIPT LOAD writes nothing to
+        wait for, and a cluster client sends it to every master."""
+        if self.wait is None or str(command[0]).upper() == "SCRIPT":
             return await self.client.execute_command(*command)
         return (await self.run([command], atomic=False))[0][0]
+
+    async def close(self) -> None:
+        for task in list(self._probes):
+            task.cancel()
+        if self._probes:
+            await asyncio.wait(self._probes, timeout=1.0)
 
     async def spread(self, commands: Sequence[Command]) -> list[Any]:
         """Single-key commands in any slots, in one round trip per node (the nodes at
