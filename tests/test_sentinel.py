@@ -316,3 +316,37 @@ async def ride_out_after_switch(
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"sessions not back within {limit}s: {window.statuses}")
+
+
+async def test_master_pool_waits_for_a_free_connection_and_refuses_a_replica(
+    sentinel: SentinelTopology,
+) -> None:
+    """What sentinel.py builds on redis-py (a SentinelConnectionPool that is also a
+    BlockingConnectionPool, a SentinelManagedConnection with a ROLE check): a redis-py
+    release that changed either fails here."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from gateway.config import SentinelSettings
+    from gateway.redis.sentinel import MasterWatch, NotMaster, master_pool, sentinels
+
+    settings = SentinelSettings(**sentinel.config())
+    watch = MasterWatch(sentinels(settings, 0.5, 0.5, {}), 0.5)
+    pool = master_pool(
+        watch.sentinels, settings, {}, max_connections=1, timeout=0.2, decode_responses=True
+    )
+    try:
+        conn = await pool.get_connection()
+        assert (conn.host, conn.port) == ("127.0.0.1", sentinel.master_port())
+        # The pool is full: the next caller waits its timeout, then fails (no new socket).
+        with pytest.raises(RedisConnectionError, match="No connection available"):
+            await pool.get_connection()
+        await pool.release(conn)
+        # A stale answer naming a replica: the connection refuses it.
+        replica = sentinel.replicas()[0]
+        watch.address = ("127.0.0.1", replica.port)
+        await pool.follow(watch.address)
+        with pytest.raises(NotMaster, match="is a slave"):
+            await pool.get_connection()
+    finally:
+        await pool.disconnect()
+        await watch.stop()
