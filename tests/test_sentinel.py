@@ -18,6 +18,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from bench.topology import SentinelTopology
+from gateway.app import RUNTIME
 from gateway.redis import public_id
 
 from .conftest import GatewayFactory, Upstream, login, wait_for
@@ -117,6 +118,26 @@ async def test_master_killed_the_gateway_follows_and_loses_nothing_acknowledged(
         # Every view the backend saw is counted on the new master: none lost, none twice.
         await wait_for(lambda: c.hget(key, "page_views") == str(window.seen_views), 10)
         assert window.seen_views > 5
+    # The near-cache is back, tracking the new master: a change made there by someone
+    # else reaches the next request at once (a stale copy would live up to max_age, 5 s).
+    link = gw.server.app[RUNTIME].sessions.link
+    assert link is not None
+    await wait_for(lambda: link.up, 10)
+    assert await get(gw, "/home", token) == 200  # cached again
+    with sentinel.data[new].client() as c:
+        (key,) = c.keys("session:*")
+        c.hset(key, "plan", "gold")
+
+    async def seen_gold() -> bool:
+        await get(gw, "/home", token)
+        return upstream.last.header("X-Session-Plan") == "gold"
+
+    for _ in range(20):
+        if await seen_gold():
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the near-cache kept a stale copy: no tracking on the new master")
     # Logins go to the new master.
     gw.session.cookie_jar.clear()
     token2 = await login(gw, upstream, "9")
@@ -188,6 +209,21 @@ async def test_forced_failover_the_demoted_master_gets_no_write(
     added = window.seen_views - seen
     with sentinel.data[new].client() as c:
         await wait_for(lambda: page_views(sentinel, new) == views[new] + added, 5)
+    # The near-cache tracks the new master: a change made there reaches the next
+    # request at once (tracking left on the old master would keep the copy up to 5 s).
+    link = gw.server.app[RUNTIME].sessions.link
+    assert link is not None
+    await wait_for(lambda: link.up, 5)
+    await get(gw, "/home", token)
+    with sentinel.data[new].client() as c:
+        c.hset(c.keys("session:*")[0], "plan", "gold")
+    for _ in range(20):
+        await get(gw, "/home", token)
+        if upstream.last.header("X-Session-Plan") == "gold":
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the near-cache kept a stale copy after the failover")
     with sentinel.data[old].client() as c:
         assert c.execute_command("ROLE")[0] == "master", (
             "the old master was converted already: the test proves nothing"
