@@ -18,8 +18,11 @@ closed here:
   pools close their connections to the old one (idle ones at once, busy ones when they
   are given back) and the listeners (the near-cache's link) are told.
 - *The role.* A connection checks ``ROLE`` once connected and refuses a node that is not
-  a master (:class:`MasterConnection`), so the pool never starts writing to a replica
-  that a stale answer named.
+  a master, or not the one the watch names now (:class:`MasterConnection`): a stale
+  answer naming a replica, or a handshake begun with a stopped master that completes
+  after the Sentinels named another, never becomes a connection in use; and the pool
+  reconnects a connection that comes back from a caller still connected to an old
+  master (:meth:`MasterPool.ensure_connection`).
 
 Connections find the master through the watch (no Sentinel round trip per connection);
 the watch asks the Sentinels concurrently, each within redis.timeout, so one stopped
@@ -69,6 +72,12 @@ class MasterConnection(SentinelManagedConnection):
             # The caller's connect() disconnects on a RedisError; the command then
             # fails like any Redis failure (the route's on_redis_error decides).
             raise NotMaster(f"{self.host}:{self.port} is a {kind}, not the master")
+        named = getattr(self.connection_pool, "master_address", None)
+        if named is not None and named != (self.host, self.port):
+            # Begun towards a master that stopped answering, finished after the
+            # Sentinels named another while it resumed still believing itself the
+            # master (it answers ROLE master until they convert it): not ours.
+            raise NotMaster(f"{self.host}:{self.port} is no longer the master ({named})")
 
 
 class MasterSSLConnection(MasterConnection, SSLConnection):
@@ -131,6 +140,15 @@ class MasterPool(SentinelConnectionPool, BlockingConnectionPool):
     """SentinelConnectionPool's master lookup with BlockingConnectionPool's bounded wait
     for a free connection (as for a single node: the wait counts against
     redis.timeout)."""
+
+    async def ensure_connection(self, connection: Any) -> None:
+        """Hand out no connection to a master the Sentinels no longer name: one that was
+        busy when the master moved comes back to the pool still connected to the old
+        one (redis-py's release does not check), and is reconnected here."""
+        await super().ensure_connection(connection)
+        if (connection.host, connection.port) != self.master_address:
+            await connection.disconnect()
+            await super().ensure_connection(connection)
 
     async def follow(self, address: Address) -> None:
         """The master is at ``address`` now: close the idle connections to another one
