@@ -232,6 +232,7 @@ class Result:
     views_lost: int
     views_twice: int
     unsure: int
+    after: collections.Counter[str]
 
 
 def watch_sentinel(topo: SentinelTopology, tl: Timeline, old: int, stop: threading.Event) -> None:
@@ -348,6 +349,14 @@ async def scenario(
                 c["anonymous"] += 1
             else:
                 c["ok"] += 1
+    after: collections.Counter[str] = collections.Counter()
+    for o in load.outcomes:
+        if o.at > end:
+            after["requests"] += 1
+            if o.status >= 500 or o.status == 0:
+                after[f"{o.kind} {o.status}"] += 1
+            elif o.kind == "open" and not o.authenticated:
+                after["open anonymous"] += 1
     live = [s for s, st in load.state.items() if st == "live"]
     out = [s for s, st in load.state.items() if st == "out"]
     logins_lost = sum(1 for s in live if stored.get(s) is None)
@@ -358,7 +367,7 @@ async def scenario(
     unsure = sum(1 for st in load.state.values() if st == "unsure")
     return Result(
         name, tl, window, len(load.state), logins_lost, len(out), logouts_back, views, lost,
-        twice, unsure,
+        twice, unsure, after,
     )  # fmt: skip
 
 
@@ -516,6 +525,13 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
             )
     out.append("")
     for r in results:
+        failed = {k: v for k, v in r.after.items() if k != "requests"}
+        out.append(
+            f"{r.name}: after the first write, {r.after['requests']} requests, "
+            + (", ".join(f"{v} {k}" for k, v in sorted(failed.items())) or "none failed")
+            + "."
+        )
+    for r in results:
         if r.unsure:
             out.append(
                 f"{r.name}: {r.unsure} logouts answered 503 (not acknowledged; the client "
@@ -533,7 +549,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
 
 async def main_async(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="failover-demo-") as tmp:
-        base = Path(tmp)
+        base = Path(args.keep) if args.keep else Path(tmp)
         results = []
         if args.only in (None, "sentinel"):
             results.append(await run_sentinel(base, args))
@@ -551,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--after-seconds", type=float, default=4.0)
     ap.add_argument("--only", choices=("sentinel", "cluster"), default=None)
     ap.add_argument("--no-wait", action="store_true", help="redis.wait off (to compare)")
+    ap.add_argument("--keep", default=None, help="a directory for the logs, kept after")
     return asyncio.run(main_async(ap.parse_args(argv)))
 
 
