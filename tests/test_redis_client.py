@@ -147,6 +147,10 @@ async def test_wait_without_enough_replicas_refuses_logins(
     try:
         with redis_server.client() as c:
             await wait_for(lambda: c.info("replication").get("slave0", {}).get("state") == "online")
+            # Streaming, not only synced: a replica seconds old may take longer than the
+            # gateway's 0.1 s to answer its first acknowledgement request.
+            c.set("ready", 1)
+            assert c.execute_command("WAIT", 1, 2000) == 1
         token = await login(gw, upstream, "2")
         upstream.reply_headers("/bye", ("X-Session-Logout", "this"))
         resp = await gw.get("/bye", cookies={"sid": token})
