@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: test lint typecheck pytest demo migrate-demo bench bench-smoke run system-deps clean
+.PHONY: test lint typecheck pytest demo migrate-demo failover-demo bench bench-smoke run system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -60,6 +60,11 @@ bench: $(STAMP) system-deps
 
 bench-smoke: $(STAMP) system-deps
 	$(BIN)/python -m bench --smoke $(ARGS)
+
+# Kills a Sentinel-watched master, then a Cluster master, under load through a gateway,
+# and prints the failure-recovery matrix measured on this machine (bench/failover_demo.py).
+failover-demo: $(STAMP) system-deps
+	$(BIN)/python -m bench.failover_demo $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

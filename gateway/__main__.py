@@ -19,6 +19,7 @@ from .app import RUNTIME, build_app, server_kwargs
 from .chain import validate_plugins
 from .config import ConfigError, Settings, load_settings, split_host_port
 from .errors import REDIS_FAILURES
+from .redis.client import check_tls
 from .server import GatewayRunner
 from .tls import listeners, server_context
 
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         # Here, not in config validation: it reads files, and a bad one must stop --check
         # too. Each worker builds its own (an SSLContext does not cross processes).
         tls = server_context(settings.listen_tls) if settings.listen_tls else None
+        check_tls(settings.redis.tls)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

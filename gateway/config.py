@@ -27,13 +27,17 @@ from pydantic import (
 from .paths import route_path
 
 __all__ = [
+    "ClusterSettings",
     "ConfigError",
     "CookieSettings",
     "RedisSettings",
+    "RedisTlsSettings",
     "RouteSettings",
+    "SentinelSettings",
     "SessionSettings",
     "Settings",
     "UpstreamSettings",
+    "WaitSettings",
     "load_settings",
     "parse_settings",
 ]
@@ -106,8 +110,79 @@ class SessionSettings(_Frozen):
         return self
 
 
+def _nodes(v: tuple[str, ...]) -> tuple[str, ...]:
+    if not v:
+        raise ValueError("must list at least one host:port")
+    for n in v:
+        host, sep, port = n.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError(f"{n!r} must be host:port")
+    return v
+
+
+class RedisTlsSettings(_Frozen):
+    """TLS towards Redis (a ``rediss://`` URL, or every node of redis.sentinel and
+    redis.cluster; the Sentinels too)."""
+
+    # PEM file of the CA that signed the servers' certificates (absent: the system's).
+    ca: str | None = None
+    # Client certificate and its key, for servers that require one (tls-auth-clients).
+    cert: str | None = None
+    key: str | None = None
+    # Off only for a test bench: the server's certificate and name go unchecked.
+    verify: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> RedisTlsSettings:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        return self
+
+
+class SentinelSettings(_Frozen):
+    """The master of a group watched by Redis Sentinels (redis/sentinel.py)."""
+
+    master: str = Field(min_length=1, description="the group name in `sentinel monitor`")
+    nodes: tuple[str, ...]
+    # The Redis servers' credentials (requirepass / ACL user).
+    username: str | None = None
+    password: SecretStr | None = None
+    # The Sentinels' own (their requirepass), when they have one.
+    sentinel_username: str | None = None
+    sentinel_password: SecretStr | None = None
+    db: int = Field(0, ge=0)
+    # Seconds between two questions to the Sentinels about the master's address, so
+    # that connections opened before a failover are closed (see redis/sentinel.py).
+    check_interval: float = Field(0.5, gt=0, le=10)
+
+    _check_nodes = field_validator("nodes")(_nodes)
+
+
+class ClusterSettings(_Frozen):
+    """A Redis Cluster (redis/cluster.py): any of its nodes; the rest are discovered."""
+
+    nodes: tuple[str, ...]
+    username: str | None = None
+    password: SecretStr | None = None
+
+    _check_nodes = field_validator("nodes")(_nodes)
+
+
+class WaitSettings(_Frozen):
+    """Durable logins and logouts: each such write is followed by WAIT (redis/durable.py);
+    fewer replicas than ``replicas`` acknowledging within ``timeout`` answers 503."""
+
+    replicas: int = Field(ge=1, le=16)
+    timeout: float = Field(0.1, gt=0)
+
+
 class RedisSettings(_Frozen):
     url: str = "embedded"
+    # Instead of url (one topology): a Sentinel-watched master, or a Cluster.
+    sentinel: SentinelSettings | None = None
+    cluster: ClusterSettings | None = None
+    tls: RedisTlsSettings | None = None
+    wait: WaitSettings | None = None
     timeout: float = Field(0.5, gt=0, description="seconds for any one Redis call")
     connect_timeout: float = Field(0.5, gt=0)
     max_connections: int = Field(64, gt=0)
@@ -119,6 +194,31 @@ class RedisSettings(_Frozen):
         if v != "embedded" and not re.match(r"^(redis|rediss|unix)://", v):
             raise ValueError('must be "embedded" or a redis://, rediss:// or unix:// URL')
         return v
+
+    @property
+    def topology(self) -> Literal["url", "sentinel", "cluster"]:
+        if self.sentinel is not None:
+            return "sentinel"
+        if self.cluster is not None:
+            return "cluster"
+        return "url"
+
+    def problem(self) -> str | None:
+        """A bad combination of keys, as one line naming the key path (checked from
+        Settings, so the path is whole)."""
+        given = self.model_fields_set
+        if self.sentinel is not None and self.cluster is not None:
+            return "redis.cluster: cannot be combined with redis.sentinel (one topology)"
+        if self.topology != "url" and "url" in given:
+            return f"redis.{self.topology}: cannot be combined with redis.url (one topology)"
+        if self.tls is not None and self.topology == "url" and not self.url.startswith("rediss://"):
+            return "redis.tls: needs a rediss:// url, redis.sentinel or redis.cluster"
+        if self.wait is not None and self.wait.timeout >= self.timeout:
+            return (
+                "redis.wait.timeout: must be below redis.timeout (the WAIT runs within the "
+                "call's budget)"
+            )
+        return None
 
 
 class ActivitySettings(_Frozen):
@@ -450,6 +550,9 @@ class Settings(_Frozen):
     def _cross(self) -> Settings:
         if not self.routes:
             raise ValueError("routes: must list at least one route")
+        problem = self.redis.problem()
+        if problem is not None:
+            raise ValueError(problem)
         for i, r in enumerate(self.routes):
             if r.upstream not in self.upstreams:
                 known = ", ".join(sorted(self.upstreams)) or "none defined"

@@ -230,6 +230,13 @@ class Applier:
         ctx.session = None
         if s is not None:
             await self.actions.logout(s, everywhere)
+        elif not ctx.redis_ok:
+            # Redis failed while resolving this request's session: the backend saw it as
+            # anonymous, but the session its cookie names may be alive. Acknowledging the
+            # logout would leave it so, behind the client's back (measured by `make
+            # failover-demo`: 15 of 174 logouts during a failover). 503 tells the client
+            # to retry; the cookie is expired either way.
+            raise RedisUnavailable("logout")
         metrics.INSTRUCTIONS.labels("logout", "applied").inc()
 
 

@@ -53,3 +53,12 @@ CLIENT_REFUSALS = Counter(
     "Client connections answered and closed by a protocol limit (limits.*)",
     ["reason"],
 )
+REDIS_WAITS = Counter(
+    "gateway_redis_waits_total",
+    "WAITs after durable writes (redis.wait): ok, or short of replicas (answered 503)",
+    ["outcome"],
+)
+REDIS_MASTER_CHANGES = Counter(
+    "gateway_redis_master_changes_total",
+    "Times the Sentinels named another master (redis.sentinel)",
+)

@@ -51,6 +51,10 @@ class Services:
     redis_timeout: float
     # A Lua script on the same client: EVALSHA with the NOSCRIPT fallback (redis/scripts.py).
     script: Callable[[str], BoundScript]
+    # Redis Cluster (redis.cluster): a transaction, script or multi-key command must
+    # keep to one slot; a session's keys share one (keys.of), a user's another
+    # (keys.of_user). ``redis.delete(*keys)`` splits by slot by itself.
+    cluster: bool = False
 
 
 @dataclass(slots=True)

@@ -56,7 +56,9 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
 async def plugins_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
     redis = rt.redis
-    services = Services(rt.settings, redis.client, redis.keys, redis.timeout, redis.script)
+    services = Services(
+        rt.settings, redis.client, redis.keys, redis.timeout, redis.script, redis.cluster
+    )
     rt.chain = build_chain(rt.settings, services)
     started = await rt.chain.startup()
     try:

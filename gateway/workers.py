@@ -2,7 +2,8 @@
 
 The gateway keeps no state between requests beyond a write-behind buffer per process, so
 scaling out on one host is N identical processes sharing the listen socket through
-SO_REUSEPORT (the kernel spreads connections). The supervisor starts them, forwards
+SO_REUSEPORT (the kernel spreads connections). The supervisor starts them, restarts one
+that dies (after a back-off, so a worker that cannot start does not spin), forwards
 SIGTERM/SIGINT, waits for each to drain and flush, and owns the embedded Redis if there
 is one, so it outlives every worker's final flush.
 """
@@ -15,54 +16,114 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from .config import Settings
 from .redis import start_embedded
 
 log = logging.getLogger("gateway.workers")
 
+# Seconds before a dead worker is started again: doubled after each death of a worker
+# that had run less than STABLE seconds, back to the first step after one that had.
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+STABLE = 30.0
+
+
+class Supervisor:
+    def __init__(self, argv: list[str], workers: int, redis_url: str) -> None:
+        self.argv = argv
+        self.workers = workers
+        self.redis_url = redis_url
+        self.children: dict[int, asyncio.subprocess.Process] = {}
+        self.stopping = asyncio.Event()
+        self.restarts = 0
+
+    async def _spawn(self, index: int) -> asyncio.subprocess.Process:
+        env = dict(os.environ)
+        if self.redis_url:
+            # The URL may carry a password: the environment, not argv (ps).
+            env["GATEWAY_WORKER_REDIS_URL"] = self.redis_url
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            *self.argv,
+            "--worker-index",
+            str(index),
+            env=env,
+        )
+        self.children[index] = proc
+        return proc
+
+    async def _keep(self, index: int) -> int:
+        """Run worker ``index`` until the supervisor stops; its last exit status."""
+        backoff = BACKOFF_FIRST
+        while True:
+            started = time.monotonic()
+            proc = await self._spawn(index)
+            if self.stopping.is_set():
+                # SIGTERM came while it was being started: it drains like the others.
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+            code = await proc.wait()
+            if self.stopping.is_set():
+                # A worker still starting when SIGTERM came dies of it before it could
+                # handle it: it had nothing to drain.
+                return 0 if code in (-signal.SIGTERM, -signal.SIGINT) else code
+            ran = time.monotonic() - started
+            if ran >= STABLE:
+                backoff = BACKOFF_FIRST
+            log.error(
+                "worker %d (pid %d) exited with status %d after %.1fs; restarting in %.1fs",
+                index,
+                proc.pid,
+                code,
+                ran,
+                backoff,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), backoff)
+            if self.stopping.is_set():
+                return code
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            self.restarts += 1
+
+    def forward(self, sig: signal.Signals) -> None:
+        """Pass ``sig`` to every running worker; SIGTERM and SIGINT also stop the
+        restarting."""
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            self.stopping.set()
+        for c in self.children.values():
+            if c.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    c.send_signal(sig)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.forward, sig)
+        log.info("supervising %d workers", self.workers)
+        try:
+            codes = await asyncio.gather(*(self._keep(i) for i in range(self.workers)))
+        finally:
+            for c in self.children.values():
+                if c.returncode is None:
+                    c.kill()
+                    await c.wait()
+        bad = [(i, code) for i, code in enumerate(codes) if code != 0]
+        for i, code in bad:
+            log.error("worker %d exited with status %d", i, code)
+        return 1 if bad else 0
+
 
 async def _supervise(settings: Settings, argv: list[str], workers: int) -> int:
     url, embedded = await start_embedded(settings.redis)
-    children: list[asyncio.subprocess.Process] = []
-    codes: list[int] = []
     try:
-        for i in range(workers):
-            children.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "gateway",
-                    *argv,
-                    "--worker-index",
-                    str(i),
-                    # The URL may carry a password: the environment, not argv (ps).
-                    env={**os.environ, "GATEWAY_WORKER_REDIS_URL": url},
-                )
-            )
-        loop = asyncio.get_running_loop()
-
-        def forward(sig: signal.Signals) -> None:
-            for c in children:
-                if c.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        c.send_signal(sig)
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, forward, sig)
-        log.info("supervising %d workers", workers)
-        codes = await asyncio.gather(*(c.wait() for c in children))
+        return await Supervisor(argv, workers, url).run()
     finally:
-        for c in children:
-            if c.returncode is None:
-                c.kill()
-                await c.wait()
         if embedded is not None:
             await embedded.stop()
-    bad = [(i, code) for i, code in enumerate(codes) if code != 0]
-    for i, code in bad:
-        log.error("worker %d exited with status %d", i, code)
-    return 1 if bad else 0
 
 
 def supervise(settings: Settings, workers: int, argv: list[str]) -> int:

@@ -317,9 +317,11 @@ class Cart(Plugin):
             log.warning("cart merge at login dropped %s items (cart full)", lost)
         report = old is None or old.user_id != uid
         async with asyncio.timeout(timeout):
+            queued = False
             async with self.services.redis.pipeline(transaction=False) as pipe:
                 if old_key is not None:
                     pipe.delete(old_key)
+                    queued = True
                 if saved and report:
                     # The backend hears of it on the session's next request (a login's
                     # answer is usually a redirect): "2 items from your earlier visit".
@@ -329,7 +331,8 @@ class Cart(Plugin):
                         note += f";dropped={lost}"
                     pipe.set(self._note_key(new.key_id), note, ex=MERGE_NOTE_TTL)
                     CART_INSTRUCTIONS.labels("merge", "reported").inc()
-                if pipe.command_stack:
+                    queued = True
+                if queued:
                     await pipe.execute()
 
     async def sessions_deleted(self, key_ids: list[str]) -> None:

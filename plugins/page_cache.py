@@ -302,7 +302,7 @@ class PageCache(Plugin):
                 if names is not None:
                     key = self._entry_key(base, req, names)
                     # The body is bytes: read it undecoded from the shared (decoding) client.
-                    raw = await self.services.redis.execute_command(  # type: ignore[no-untyped-call]
+                    raw = await self.services.redis.execute_command(
                         "GET", key, **{NEVER_DECODE: True}
                     )
                     if raw is not None:
@@ -468,7 +468,11 @@ class PageCache(Plugin):
         key = self._entry_key(st.base, request, names)
         try:
             async with asyncio.timeout(self.services.redis_timeout * 2):
-                async with self.services.redis.pipeline(transaction=True) as pipe:
+                # The entry and the URL's Vary names are in two slots in a cluster: two
+                # writes there, not one transaction (either alone is a miss, not a
+                # wrong answer: an entry is only read through names that fit it).
+                transaction = not self.services.cluster
+                async with self.services.redis.pipeline(transaction=transaction) as pipe:
                     pipe.set(key, entry.dump(), ex=entry.ttl)
                     # The names outlive no variant: refreshed with every store.
                     pipe.set(f"{self._prefix}vary:{st.base}", ",".join(names), ex=entry.ttl)

@@ -143,6 +143,9 @@ class ViewedItems(Plugin):
         if buffered:
             self._views.setdefault(dst, {}).update(buffered)
         async with asyncio.timeout(self.services.redis_timeout):
+            if self.services.cluster:
+                await self._move_in_steps(src, dst)
+                return
             async with self.services.redis.pipeline(transaction=True) as pipe:
                 pipe.zunionstore(dst, [dst, src], aggregate="MAX")
                 pipe.delete(src)
@@ -150,7 +153,24 @@ class ViewedItems(Plugin):
                 pipe.expire(dst, self.config.ttl)
                 await pipe.execute()
 
+    async def _move_in_steps(self, src: str, dst: str) -> None:
+        """The move in a cluster, where the two lists are in two slots: read the old one,
+        add it to the new one keeping the later view of each item (ZADD GT, as the
+        union's MAX), then delete the old one. Stopped after the add, the old list stays
+        under a session that is gone until its ttl: the new one lacks nothing."""
+        redis = self.services.redis
+        seen = cast(list[tuple[str, float]], await redis.zrange(src, 0, -1, withscores=True))
+        if not seen:
+            return
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(dst, dict(seen), gt=True)
+            pipe.zremrangebyrank(dst, 0, -(self.config.keep + 1))
+            pipe.expire(dst, self.config.ttl)
+            await pipe.execute()
+        await redis.delete(src)
+
     async def sessions_deleted(self, key_ids: list[str]) -> None:
+        # In a cluster redis-py's DEL of several keys goes slot by slot.
         keys = [self.services.keys.of("viewed", k) for k in key_ids]
         for k in keys:
             self._views.pop(k, None)

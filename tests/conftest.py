@@ -399,3 +399,6 @@ async def start_backend(handler: Handler) -> tuple[web.AppRunner, str]:
 
 # A private PostgreSQL (initdb/pg_ctl on a free port) for the legacy session tests.
 from .postgres import pg_dsn, postgres_server  # noqa: E402, F401
+
+# Real Sentinel and Cluster topologies (tests/topologies.py).
+pytest_plugins = ["tests.topologies"]

@@ -162,8 +162,16 @@ def test_compose_has_the_case_study_topology() -> None:
 
 def test_deploy_config_points_at_the_compose_services() -> None:
     config = yaml.safe_load(DEPLOY_CONFIG.read_text())
-    assert "redis-master:6379" in config["redis"]["url"]
     services = compose()["services"]
+    # The gateways find the master through the Sentinels, never by its address.
+    sentinel = config["redis"]["sentinel"]
+    assert "url" not in config["redis"]
+    assert sorted(sentinel["nodes"]) == [f"sentinel-{i}:26379" for i in (1, 2, 3)]
+    for node in sentinel["nodes"]:
+        name = node.partition(":")[0]
+        assert name in services and "port 26379" in command_text(services[name])
+        monitor = re.search(r"sentinel monitor (\S+) ", command_text(services[name]))
+        assert monitor and sentinel["master"].endswith(f"-{monitor.group(1)}}}"), monitor
     port = re.search(r"--port (\d+)", command_text(services["shop"]))
     assert port
     assert config["upstreams"]["shop"]["servers"] == [f"http://shop:{port.group(1)}"]
@@ -177,7 +185,37 @@ def test_deploy_config_is_a_valid_gateway_config(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.delenv("COOKIE_SECURE", raising=False)
     settings = config_mod.load_settings(str(DEPLOY_CONFIG))
-    assert settings.redis.url == "redis://redis-master:6379/0"
+    assert settings.redis.topology == "sentinel"
+    assert settings.redis.sentinel.master == "mymaster"
+    assert settings.redis.wait is not None
     assert settings.session.cookie.secure is True
     monkeypatch.setenv("COOKIE_SECURE", "false")
     assert config_mod.load_settings(str(DEPLOY_CONFIG)).session.cookie.secure is False
+
+
+# ------------------------------------------------------------- the cluster variant
+COMPOSE_CLUSTER = ROOT / "deploy" / "compose.cluster.yaml"
+CLUSTER_CONFIG = ROOT / "deploy" / "config.cluster.yaml"
+
+
+def test_cluster_variant_points_at_its_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    config_mod = pytest.importorskip("gateway.config")
+    services: dict[str, Any] = yaml.safe_load(COMPOSE_CLUSTER.read_text())["services"]
+    nodes = [n for n in services if n.startswith("redis-node-")]
+    assert len(nodes) == 6
+    for n in nodes:
+        assert "--cluster-enabled yes" in command_text(services[n])
+    assert "--cluster-replicas 1" in command_text(services["cluster-init"])
+    gateway = services["gateway"]
+    assert "./config.cluster.yaml:/etc/session-gateway/config.yaml:ro" in gateway["volumes"]
+    assert exec_form("CMD")[-1] == "/etc/session-gateway/config.yaml"
+    monkeypatch.delenv("COOKIE_SECURE", raising=False)
+    settings = config_mod.load_settings(str(CLUSTER_CONFIG))
+    assert settings.redis.topology == "cluster"
+    for node in settings.redis.cluster.nodes:
+        assert node.partition(":")[0] in services
+    # Apart from redis:, the two configs are the same gateway.
+    plain = yaml.safe_load(DEPLOY_CONFIG.read_text())
+    cluster = yaml.safe_load(CLUSTER_CONFIG.read_text())
+    plain.pop("redis"), cluster.pop("redis")
+    assert plain == cluster

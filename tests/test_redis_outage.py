@@ -51,6 +51,14 @@ async def test_redis_killed_and_restarted(
     assert resp.status == 503
     assert "sid=" not in resp.headers.get("Set-Cookie", "")
 
+    # Nor is a logout answered 200: the session the cookie names may still be alive.
+    # The cookie is expired all the same.
+    upstream.reply_headers("/bye", ("X-Session-Logout", "this"))
+    async with asyncio.timeout(HANG):
+        resp = await gw.get("/bye")
+    assert resp.status == 503
+    assert "sid=;" in resp.headers.get("Set-Cookie", "")
+
     redis_server.start()  # same port; this test Redis keeps no data
     token = await login(gw, upstream, "9")
     status, _, _ = await get(gw, "/again", cookies={"sid": token})

@@ -23,6 +23,18 @@ def public_id(token: str) -> str:
     return hashlib.sha256(token.encode("ascii")).hexdigest()
 
 
+def hash_tag(key: str) -> str:
+    """A tag that puts another key in ``key``'s cluster slot: ``key``'s own hash tag
+    (the first ``{...}``, not empty), else the whole key in braces (Redis hashes a tag's
+    content alone, so ``{k}`` is in the slot of ``k`` when ``k`` has no tag)."""
+    start = key.find("{")
+    if start != -1:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start : end + 1]
+    return f"{{{key}}}"
+
+
 class Keys:
     def __init__(self, prefix: str = "", *, raw_tokens: bool = False, hash_tags: bool = False):
         self.prefix = prefix
@@ -71,8 +83,12 @@ class Keys:
 
     # -- the gateway's own, and shared ones -------------------------------------------
 
-    def activity_batch(self, batch_id: str) -> str:
-        """The marker an activity flush claims so that a retried batch is applied once."""
+    def activity_batch(self, batch_id: str, slot_key: str | None = None) -> str:
+        """The marker an activity flush claims so that a retried batch is applied once.
+        Under hash tags it carries the tag of ``slot_key`` (a session of the batch): a
+        script's keys must all be in one slot."""
+        if self.hash_tags and slot_key is not None:
+            return f"{self.prefix}gw:activity:{hash_tag(slot_key)}:{batch_id}"
         return f"{self.prefix}gw:activity:{batch_id}"
 
     def guest_counter(self, bucket: str) -> str:

@@ -68,23 +68,15 @@ class TrackingLink:
     """
 
     def __init__(
-        self, url: str, prefix: str, listener: Listener, timeout: float, connect_timeout: float
+        self, pool: ConnectionPool, prefix: str, listener: Listener, timeout: float
     ) -> None:
+        """``pool``: RESP3 connections to the server (or the Sentinels' master); it only
+        builds the connection (address, TLS, unix sockets, AUTH, SELECT, the master's
+        role), it never hands it out."""
         self.prefix = prefix
         self.listener = listener
         self.timeout = timeout
-        # The pool only builds the connection (URL parsing, TLS, unix sockets, AUTH,
-        # SELECT); it never hands it out.
-        self._pool = ConnectionPool.from_url(
-            url,
-            protocol=3,
-            decode_responses=True,
-            # As the pool's (client.py): a value that is not UTF-8 must not break the
-            # link, which would turn the near-cache off for every session.
-            encoding_errors="surrogateescape",
-            socket_timeout=timeout,
-            socket_connect_timeout=connect_timeout,
-        )
+        self._pool = pool
         self._conn: AbstractConnection | None = None
         # Callers waiting for replies, in send order, each with what its reply starts or
         # ends: a window of our own writes (see call_own_write).
@@ -181,6 +173,7 @@ class TrackingLink:
     async def _session(self) -> None:
         conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
         self._conn = conn
+        # Under Sentinel this asks the watch for the master and checks ROLE (sentinel.py).
         await conn.connect()  # type: ignore[no-untyped-call]
         set_invalidation_handler(conn, self._on_invalidate)
         await conn.send_command(
@@ -241,6 +234,15 @@ class TrackingLink:
         self.listener.invalidate(list(keys) if keys is not None else None)
         metrics.NEAR_CACHE_INVALIDATIONS.inc(len(keys) if keys is not None else 1)
 
+    def master_moved(self, address: tuple[str, int]) -> None:
+        """The Sentinels name another master: a link still on the old one breaks (the
+        cache is emptied) and reconnects to the new one, where tracking starts afresh."""
+        conn = self._conn
+        if conn is not None and (getattr(conn, "host", None), getattr(conn, "port", None)) != (
+            address
+        ):
+            self._broken("the master moved")
+
     def _broken(self, why: str) -> None:
         self.listener.disable()
         self._up = False
@@ -268,3 +270,4 @@ class TrackingLink:
         self._broken("stopped")
         if self._closing:
             await asyncio.wait(self._closing, timeout=1.0)
+        await self._pool.disconnect()

@@ -26,11 +26,14 @@ from functools import partial
 from typing import Any
 
 import orjson
+from redis.exceptions import NoScriptError
 
 from .. import metrics
 from ..config import ActivitySettings
 from ..errors import REDIS_FAILURES
 from ..redis import Keys, RedisClient
+from ..redis.cluster import slot_of
+from ..redis.durable import NotReplicated, Writes
 from ..redis.scripts import Execute, Script
 from ..redis.tracking import LinkDown, TrackingLink
 from .model import apply_activity, ts
@@ -115,11 +118,15 @@ class ActivityWriter:
         keys: Keys | None = None,
         link: TrackingLink | None = None,
         cache: NearCache | None = None,
+        writes: Writes | None = None,
     ) -> None:
         """``link`` and ``cache``: the near-cache's tracking link (writes made there don't
         invalidate this process's cached sessions: NOLOOP) and the cache whose copies
-        each recorded request updates and each flush may renew."""
+        each recorded request updates and each flush may renew. ``writes``: a cluster's
+        flush goes per slot, and with redis.wait a batch counts as written only once
+        the replicas have it (durable.py)."""
         self.redis = redis
+        self.writes = writes or Writes(redis)
         self.settings = settings
         self.idle_ttl = idle_ttl
         self.keys = keys or Keys()
@@ -127,6 +134,7 @@ class ActivityWriter:
         self._retry: list[Batch] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._backoff_reset = False
         self._stopping = False
         self.link = link
         self.cache = cache
@@ -205,12 +213,21 @@ class ActivityWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="activity-writer")
 
+    def retry_now(self, *_: object) -> None:
+        """Redis is back (the Sentinels named a new master): flush at once rather than
+        at the end of the backoff."""
+        self._backoff_reset = True
+        self._wake.set()
+
     async def _run(self) -> None:
         backoff = self.settings.flush_interval
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), backoff)
             self._wake.clear()
+            if self._backoff_reset:
+                self._backoff_reset = False
+                backoff = self.settings.flush_interval
             await self.flush()
             # Back off only while batches wait for a retry (Redis failed). Activity that
             # arrived during the flush is no failure: under steady traffic there always
@@ -225,13 +242,15 @@ class ActivityWriter:
         """Send everything buffered; True when nothing is left over."""
         if self._pending:
             fresh, self._pending = self._pending, {}
-            items = list(fresh.items())
-            for i in range(0, len(items), BATCH):
-                self._retry.append(Batch(secrets.token_hex(8), dict(items[i : i + BATCH])))
+            for group in self._groups(list(fresh.items())):
+                for i in range(0, len(group), BATCH):
+                    self._retry.append(Batch(secrets.token_hex(8), dict(group[i : i + BATCH])))
         self._retry = [b for b in self._retry if b.entries]
         if not self._retry:
             metrics.ACTIVITY_PENDING.set(0)
             return True
+        if self.writes.cluster:
+            return await self._flush_cluster()
         # Oldest first, one call each: a batch leaves the retry list only once Redis has
         # applied it, so a failure part-way keeps exactly the batches not yet sent.
         while self._retry:
@@ -262,13 +281,80 @@ class ActivityWriter:
         metrics.ACTIVITY_FLUSHES.labels("ok").inc()
         return not self._pending
 
+    def _groups(self, items: list[tuple[str, Pending]]) -> list[list[tuple[str, Pending]]]:
+        """The sessions of a flush in groups a script call may take: all of them on one
+        node; one group per slot in a cluster (a script's keys share a slot)."""
+        if not self.writes.cluster:
+            return [items]
+        by_slot: dict[int, list[tuple[str, Pending]]] = {}
+        for item in items:
+            by_slot.setdefault(slot_of(item[0]), []).append(item)
+        return list(by_slot.values())
+
+    async def _flush_cluster(self) -> bool:
+        """Every waiting batch at once, each a script call on its slot's master: one
+        round trip per node, the nodes concurrently. Batches of one slot go to one node
+        on one connection in order, so a session's older activity is never written after
+        its newer. A batch leaves the retry list only once written (with redis.wait, once
+        the replicas have it); those of a node that failed wait for the next flush."""
+        batches = list(self._retry)
+        for b in batches:
+            b.sent = True
+        encoded = [self._encode(b, ()) for b in batches]
+        try:
+            async with asyncio.timeout(self.settings.flush_timeout):
+                results = await self._spread_scripts(encoded)
+        except REDIS_FAILURES as e:
+            results = [e] * len(batches)
+        failed = [r for r in results if isinstance(r, Exception)]
+        done = {
+            id(b) for b, r in zip(batches, results, strict=True) if not isinstance(r, Exception)
+        }
+        self._retry = [b for b in self._retry if id(b) not in done]
+        metrics.ACTIVITY_PENDING.set(self.pending_count())
+        if failed:
+            metrics.ACTIVITY_FLUSHES.labels("error").inc()
+            metrics.REDIS_ERRORS.labels("activity").inc()
+            log.warning(
+                "activity flush failed for %d of %d slots (%s: %s); %d sessions kept for retry",
+                len(failed),
+                len(batches),
+                type(failed[0]).__name__,
+                failed[0],
+                self.pending_count(),
+            )
+            return False
+        metrics.ACTIVITY_FLUSHES.labels("ok").inc()
+        return not self._pending
+
+    async def _spread_scripts(self, encoded: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        def calls(which: list[int]) -> list[tuple[Any, ...]]:
+            out = []
+            for i in which:
+                keys, args = encoded[i]
+                out.append(("EVALSHA", _SCRIPT.sha, len(keys), *keys, *args))
+            return out
+
+        todo = list(range(len(encoded)))
+        metrics.REDIS_COMMANDS.labels("activity").inc(len(todo))
+        results = await self.writes.spread(calls(todo))
+        missing = [i for i, r in zip(todo, results, strict=True) if isinstance(r, NoScriptError)]
+        if missing:
+            # A master that never saw the script (a promoted replica sees it through
+            # replication, a new or restarted one does not): loaded on every master.
+            await self.redis.script_load(_SCRIPT.source)
+            again = await self.writes.spread(calls(missing))
+            for i, r in zip(missing, again, strict=True):
+                results[i] = r
+        return results
+
     async def _send(self, batch: Batch) -> None:
         link, cache = self.link, self.cache
         if link is not None and cache is not None and link.up:
             if await self._send_on_link(link, cache, batch):
                 return
         keys, args = self._encode(batch, ())
-        await _SCRIPT.run(self.redis.execute_command, keys, args)
+        await _SCRIPT.run(self.writes.call, keys, args)
 
     async def _send_on_link(self, link: TrackingLink, cache: NearCache, batch: Batch) -> bool:
         """The batch through the link, bringing back the hashes the near-cache wants
@@ -284,6 +370,16 @@ class ActivityWriter:
             try:
                 write: Execute = partial(link.call_own_write, own)
                 reply = await _SCRIPT.run(write, keys, args, load=link.call)
+                wait = self.writes.wait
+                if wait is not None:
+                    # On the link itself: WAIT counts this connection's writes.
+                    acks = await link.call("WAIT", wait.replicas, round(wait.timeout * 1000))
+                    if int(acks) < wait.replicas:
+                        metrics.REDIS_WAITS.labels("short").inc()
+                        # Kept for retry under the same id: a copy that did reach the
+                        # replicas is skipped by its id, one that did not is written.
+                        raise NotReplicated(f"WAIT: {acks} of {wait.replicas} replicas")
+                    metrics.REDIS_WAITS.labels("ok").inc()
             except LinkDown:
                 return False
             if isinstance(reply, list):
@@ -319,7 +415,8 @@ class ActivityWriter:
     def _encode(
         self, batch: Batch, refresh: Container[str]
     ) -> tuple[list[str], list[str | int | bytes]]:
-        keys = [self.keys.activity_batch(batch.id), *batch.entries]
+        first = next(iter(batch.entries))
+        keys = [self.keys.activity_batch(batch.id, first), *batch.entries]
         data = [
             [ts(p.last_activity), p.page, p.views, round(p.deadline, 3), int(k in refresh)]
             for k, p in batch.entries.items()

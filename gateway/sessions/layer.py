@@ -28,14 +28,33 @@ class SessionLayer:
         self.cache: NearCache | None = None
         self.link: TrackingLink | None = None
         if s.near_cache.enabled:
-            self.cache = NearCache(s.near_cache)
-            self.link = redis.tracking_link(keys.session_prefix(), self.cache)
+            cache = NearCache(s.near_cache)
+            # None where the topology cannot keep a near-cache coherent (the reason is
+            # logged): every request then reads its session from Redis.
+            self.link = redis.tracking_link(keys.session_prefix(), cache)
+            if self.link is not None:
+                self.cache = cache
         self.activity = ActivityWriter(
-            redis.client, settings.activity, s.idle_ttl, keys, self.link, self.cache
+            redis.client,
+            settings.activity,
+            s.idle_ttl,
+            keys,
+            self.link,
+            self.cache,
+            writes=redis.writes,
         )
         self.store = SessionStore(
-            redis.client, s, keys, redis.timeout, self.cache, self.link, self.activity
+            redis.client,
+            s,
+            keys,
+            redis.timeout,
+            self.cache,
+            self.link,
+            self.activity,
+            writes=redis.writes,
         )
+        # Activity kept through a failover goes to the new master at once.
+        redis.on_master_change(self.activity.retry_now)
         self.cookie = SessionCookie(settings)
         self.actions = SessionActions(settings, self.store, self.activity, chain)
         self.resolver = SessionResolver(self.store, chain, self.cookie, self.actions)

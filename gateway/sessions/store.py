@@ -14,6 +14,7 @@ from ..config import SessionSettings
 from ..errors import REDIS_FAILURES
 from ..redis import Keys, RedisClient, public_id
 from ..redis.batching import BatchedReader, Command
+from ..redis.durable import Writes
 from ..redis.scripts import Script
 from .model import Session, new_token, ts
 from .nearcache import NearCache
@@ -39,15 +40,18 @@ class SessionStore:
         cache: NearCache | None = None,
         link: TrackingLink | None = None,
         activity: ActivityWriter | None = None,
+        writes: Writes | None = None,
     ) -> None:
         """``cache`` and ``link``: the near-cache and its tracking link, when it is on;
-        ``activity``: the writer whose unflushed activity a hash read from Redis gets."""
+        ``activity``: the writer whose unflushed activity a hash read from Redis gets;
+        ``writes``: how logins and logouts are written (per slot, WAIT; durable.py)."""
         self.redis = redis
         self.settings = settings
         self.keys = keys
         self.timeout = timeout
         self.reader = BatchedReader(redis, timeout)
-        self.users = UserSessions(redis, keys, settings)
+        self.writes = writes or Writes(redis)
+        self.users = UserSessions(redis, keys, settings, self.writes)
         self.cache = cache
         self.link = link
         self.activity = activity
@@ -189,20 +193,44 @@ class SessionStore:
         key = self.keys.session(session.key_id)
         uid = stored["user_id"]
         user_set = self.keys.user_sessions(uid)
+        new_session = [
+            ("HSET", key, *[x for kv in stored.items() for x in kv]),
+            ("EXPIRE", key, self.settings.idle_ttl),
+        ]
+        index = [
+            ("SADD", user_set, session.key_id),
+            # The index lives as long as the newest session could.
+            ("EXPIRE", user_set, self.settings.absolute_ttl),
+            self.users.sample_command(uid),
+        ]
+        old_session: list[Command] = []
+        old_index: list[Command] = []
+        if old is not None:
+            old_session.append(("DEL", self.keys.session(old.key_id)))
+            if old.user_id:
+                old_index.append(("SREM", self.keys.user_sessions(old.user_id), old.key_id))
+        _WRITES.inc(len(new_session) + len(index) - 1 + len(old_session) + len(old_index))
+        _READS.inc()
         async with asyncio.timeout(self.timeout):
-            async with self.redis.pipeline(transaction=True) as pipe:
-                if old is not None:
-                    pipe.delete(self.keys.session(old.key_id))
-                    if old.user_id:
-                        pipe.srem(self.keys.user_sessions(old.user_id), old.key_id)
-                pipe.hset(key, mapping=cast(Any, stored))
-                pipe.expire(key, self.settings.idle_ttl)
-                pipe.sadd(user_set, session.key_id)
-                # The index lives as long as the newest session could.
-                pipe.expire(user_set, self.settings.absolute_ttl)
-                _WRITES.inc(len(pipe.command_stack))
-                self.users.read_sample(pipe, uid)
-                members = (await pipe.execute())[-1]
+            # One node: the four steps are one transaction (and one WAIT). A cluster:
+            # one transaction per slot, in this order, and what holds if it stops after:
+            res = await self.writes.run(
+                # 1. The new session (its slot). No cookie names it yet: stopped here,
+                #    it expires unused after idle_ttl.
+                new_session,
+                # 2. Listed in its user's index (the user's slot) before its cookie
+                #    exists, so a logout everywhere always finds it. Stopped here, the
+                #    login is answered 503 and the listed id dies with its hash.
+                index,
+                # 3. The old session ends before the new token is handed out. Stopped
+                #    before this, the login is answered 503 and the client keeps its old
+                #    session exactly as it was: no token outlives a login it saw.
+                old_session,
+                # 4. The old id leaves its user's index; stopped before this, a dead id
+                #    stays listed until that user's next login drops it.
+                old_index,
+            )
+            members = res[1][-1]
         if old is not None:
             self.forget(old.key_id)
         ended: list[str] = []
@@ -231,7 +259,7 @@ class SessionStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=cast(Any, session.fields))
             pipe.expire(key, self.settings.idle_ttl)
-            _WRITES.inc(len(pipe.command_stack))
+            _WRITES.inc(2)
             await pipe.execute()
 
     async def update(self, session: Session, fields: dict[str, str]) -> None:
@@ -249,14 +277,17 @@ class SessionStore:
         key = self.keys.session(key_id)
         _READS.inc()
         uid = await self.redis.hget(key, "user_id")
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            if uid:
-                pipe.srem(self.keys.user_sessions(str(uid)), key_id)
-            _WRITES.inc(len(pipe.command_stack))
-            res = await pipe.execute()
+        res = await self._end(key_id, str(uid) if uid else None)
         self.forget(key_id)
-        return bool(res[0])
+        return bool(res[0][0])
+
+    async def _end(self, key_id: str, user_id: str | None) -> list[list[Any]]:
+        """Delete a session, then its id from its user's index: one transaction on one
+        node; in a cluster the session (its slot) goes first, so that stopped between
+        the two only a dead id stays listed (the next login's upkeep drops it)."""
+        index = [("SREM", self.keys.user_sessions(user_id), key_id)] if user_id else []
+        _WRITES.inc(1 + len(index))
+        return await self.writes.run([("DEL", self.keys.session(key_id))], index)
 
     async def logout(self, session: Session, everywhere: bool) -> AsyncGenerator[list[str]]:
         """End this session, then (``everywhere``) every other one of its user, in steps
@@ -265,12 +296,7 @@ class SessionStore:
         whatever the user's index holds; what a failure leaves, the next logout
         everywhere ends (``UserSessions.end_all``)."""
         uid = session.user_id
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keys.session(session.key_id))
-            if uid:
-                pipe.srem(self.keys.user_sessions(uid), session.key_id)
-            _WRITES.inc(len(pipe.command_stack))
-            await pipe.execute()
+        await self._end(session.key_id, uid)
         self.forget(session.key_id)
         yield [session.key_id]
         if everywhere and uid:

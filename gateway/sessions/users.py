@@ -20,10 +20,9 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, cast
 
-from redis.asyncio.client import Pipeline
-
 from .. import metrics
 from ..config import SessionSettings
+from ..redis.durable import Command, Spread, Writes
 from ..redis.scripts import Script
 
 if TYPE_CHECKING:
@@ -50,8 +49,15 @@ return 1
 
 
 class UserSessions:
-    def __init__(self, redis: RedisClient, keys: Keys, settings: SessionSettings) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        keys: Keys,
+        settings: SessionSettings,
+        writes: Writes | None = None,
+    ) -> None:
         self.redis = redis
+        self.writes = writes or Writes(redis)
         self.keys = keys
         self.max_per_user = settings.max_per_user
         self.absolute_ttl = settings.absolute_ttl
@@ -60,12 +66,11 @@ class UserSessions:
         # covering it unless a failed upkeep leaves more behind.
         self.sample = max(SAMPLE, 2 * settings.max_per_user)
 
-    def read_sample(self, pipe: Pipeline, user_id: str) -> None:
-        """Queue on a login's transaction the read ``trim`` takes: up to ``self.sample``
-        distinct members, all of them when the set is no larger (one command, whose
-        cost the sample bounds, however large the set)."""
-        pipe.srandmember(self.keys.user_sessions(user_id), self.sample)
-        _READS.inc()
+    def sample_command(self, user_id: str) -> Command:
+        """The read ``trim`` takes, for a login's step on the user's index: up to
+        ``self.sample`` distinct members, all of them when the set is no larger (one
+        command, whose cost the sample bounds, however large the set)."""
+        return ("SRANDMEMBER", self.keys.user_sessions(user_id), self.sample)
 
     async def trim(self, user_id: str, new: tuple[float, str], members: list[str]) -> list[str]:
         """Drop the dead ids among ``members`` (read by ``read_sample`` after the login
@@ -97,15 +102,16 @@ class UserSessions:
         if not dead and not ended:
             return []
         key = self.keys.user_sessions(user_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            # The hashes go before their ids: stopped in between, an id left behind is
-            # found dead next time, whereas a live session missing from the index would
-            # escape a logout everywhere.
-            if ended:
-                pipe.delete(*[self.keys.session(m) for m in ended])
-            pipe.srem(key, *dead, *ended)
-            _WRITES.inc(len(pipe.command_stack))
-            await pipe.execute()
+        # The hashes go before their ids (in a cluster, as a step of their own: one DEL
+        # per key, in their own slots): stopped in between, an id left behind is found
+        # dead next time, whereas a live session missing from the index would escape a
+        # logout everywhere.
+        _WRITES.inc(len(ended) + 1)
+        await self.writes.run(
+            Spread([("DEL", self.keys.session(m)) for m in ended]),
+            [("SREM", key, *dead, *ended)],
+            atomic=False,
+        )
         metrics.SESSIONS_CAPPED.inc(len(ended))
         return ended
 
@@ -122,9 +128,7 @@ class UserSessions:
         user_set = self.keys.user_sessions(user_id)
         ending = self.keys.user_sessions_ending(user_id)
         for _ in range(2):
-            moved = await _MOVE.run(
-                self.redis.execute_command, [user_set, ending], [self.absolute_ttl]
-            )
+            moved = await _MOVE.run(self.writes.call, [user_set, ending], [self.absolute_ttl])
             async for ids in self._drain(ending):
                 yield ids
             # Not moved because an ending set was there: it has just been ended, and
@@ -141,15 +145,17 @@ class UserSessions:
             # A batch leaves the ending set only together with (after) its hashes, so
             # whatever a failure interrupts is still listed for the next attempt. SPOP
             # would lose the ids of a reply that timed out.
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.delete(*[self.keys.session(m) for m in ids])
-                pipe.srem(ending, *ids)
-                pipe.srandmember(ending, BATCH)
-                _WRITES.inc(2)
-                _READS.inc()
-                res = await pipe.execute()
+            # In a cluster, the hashes (one DEL each, in their slots, the nodes at once)
+            # then the ending set's step (its slot).
+            res = await self.writes.run(
+                Spread([("DEL", self.keys.session(m)) for m in ids]),
+                [("SREM", ending, *ids), ("SRANDMEMBER", ending, BATCH)],
+                atomic=False,
+            )
+            _WRITES.inc(len(ids) + 1)
+            _READS.inc()
             yield ids
-            ids = res[-1]
+            ids = res[1][-1]
 
 
 def _seconds(value: str) -> float:
