@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
@@ -28,6 +30,21 @@ log = logging.getLogger("gateway.workers")
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 STABLE = 30.0
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask the kernel for SIGTERM when the supervisor dies.
+    A supervisor killed outright (SIGKILL, OOM) would otherwise leave its workers
+    serving on the port with no one to restart or stop them; SIGTERM lets each drain
+    and flush as on a normal stop. Linux only (prctl); elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 class Supervisor:
@@ -52,6 +69,7 @@ class Supervisor:
             "--worker-index",
             str(index),
             env=env,
+            preexec_fn=_die_with_parent,
         )
         self.children[index] = proc
         return proc

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .conftest import RedisServer, base_config, start_backend
+from .conftest import RedisServer, Upstream, base_config, start_backend
 
 
 def children(pid: int) -> set[int]:
@@ -70,3 +70,45 @@ def test_a_crashed_worker_is_restarted_and_sigterm_drains_all(
             ).read_text()
 
     asyncio.run(scenario())
+
+
+def test_workers_stop_when_the_supervisor_is_killed(
+    gateway_process: Any, redis_server: RedisServer, upstream: Upstream
+) -> None:
+    """A supervisor killed outright (SIGKILL, the OOM killer) leaves no worker serving
+    on its own: each gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and drains."""
+    cfg = base_config(redis_server.url, upstream.url, workers=2)
+    gp = gateway_process(cfg)
+    deadline = time.monotonic() + 15
+    workers: list[int] = []
+    while time.monotonic() < deadline and len(workers) < 2:
+        workers = _children(gp.proc.pid)
+        time.sleep(0.1)
+    assert len(workers) == 2
+    os.kill(gp.proc.pid, signal.SIGKILL)
+    gp.proc.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except OSError:
+                continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
