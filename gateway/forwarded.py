@@ -8,6 +8,7 @@ towards the backend, see proxy.py).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -32,6 +33,15 @@ def valid_host(value: str) -> bool:
 def bucket(address: str) -> str:
     """The unit a per-address limit counts: the address itself, or for IPv6 its /64,
     which one client typically owns whole (else one client would have 2^64 budgets)."""
+    if ":" not in address:
+        # IPv4 (or no address): the address as the peer gave it, dotted quad, is its
+        # own bucket. Parsing it on every request cost more than the rest of this.
+        return address
+    return _bucket6(address)
+
+
+@functools.lru_cache(maxsize=4096)
+def _bucket6(address: str) -> str:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
