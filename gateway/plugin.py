@@ -94,6 +94,8 @@ class RequestContext:
     # Set-Cookie values this request decided on (a new session, an expiry); every
     # answer, whoever makes it, carries them.
     cookies: list[str] = field(default_factory=list)
+    # The upstream server that answered (scheme://host:port), once one has.
+    upstream_server: str = ""
 
 
 class Plugin:

@@ -3,8 +3,8 @@
 The gateway keeps no state between requests beyond a write-behind buffer per process, so
 scaling out on one host is N identical processes sharing the listen socket through
 SO_REUSEPORT (the kernel spreads connections). The supervisor starts them, forwards
-SIGTERM/SIGINT, waits for each to drain and flush, and owns the embedded Redis if there
-is one, so it outlives every worker's final flush.
+SIGTERM/SIGINT (and SIGHUP, a reload), waits for each to drain and flush, and owns the
+embedded Redis if there is one, so it outlives every worker's final flush.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import signal
 import sys
 
 from .config import Settings
+from .metrics_export import WorkerMetrics
 from .redis import start_embedded
 
 log = logging.getLogger("gateway.workers")
@@ -24,6 +25,8 @@ log = logging.getLogger("gateway.workers")
 
 async def _supervise(settings: Settings, argv: list[str], workers: int) -> int:
     url, embedded = await start_embedded(settings.redis)
+    # Every worker's metrics, summed on worker 0's /metrics.
+    shared_metrics = WorkerMetrics()
     children: list[asyncio.subprocess.Process] = []
     codes: list[int] = []
     try:
@@ -37,7 +40,11 @@ async def _supervise(settings: Settings, argv: list[str], workers: int) -> int:
                     "--worker-index",
                     str(i),
                     # The URL may carry a password: the environment, not argv (ps).
-                    env={**os.environ, "GATEWAY_WORKER_REDIS_URL": url},
+                    env={
+                        **os.environ,
+                        "GATEWAY_WORKER_REDIS_URL": url,
+                        **shared_metrics.env(),
+                    },
                 )
             )
         loop = asyncio.get_running_loop()
@@ -48,7 +55,8 @@ async def _supervise(settings: Settings, argv: list[str], workers: int) -> int:
                     with contextlib.suppress(ProcessLookupError):
                         c.send_signal(sig)
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP: each worker reloads the config file itself (reload.py).
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, forward, sig)
         log.info("supervising %d workers", workers)
         codes = await asyncio.gather(*(c.wait() for c in children))
@@ -59,6 +67,7 @@ async def _supervise(settings: Settings, argv: list[str], workers: int) -> int:
                 await c.wait()
         if embedded is not None:
             await embedded.stop()
+        shared_metrics.close()
     bad = [(i, code) for i, code in enumerate(codes) if code != 0]
     for i, code in bad:
         log.error("worker %d exited with status %d", i, code)
