@@ -43,6 +43,8 @@ from .runtime import Runtime
 log = logging.getLogger("gateway.admin")
 
 _TOKEN_DIGEST = web.AppKey("admin_api_token_digest", bytes)
+# Refused calls are logged a few at a time: a scanner must not fill the log.
+_REFUSALS = web.AppKey("admin_api_refusals", Throttle)
 _SUMMARY = web.RequestKey("admin_api_summary", str)
 
 SESSION_ID_RE = re.compile(r"[0-9a-f]{64}")
@@ -66,8 +68,6 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers or None)
 
 
-# Refused calls are logged a few at a time: a scanner must not fill the log.
-_REFUSALS = Throttle(burst=5, period=60.0)
 
 
 @web.middleware
@@ -83,8 +83,9 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     )
     if not ok:
         metrics.ADMIN_CALLS.labels(action, "401").inc()
-        if _REFUSALS.allow():
-            more = _REFUSALS.take_suppressed()
+        throttle = request.app[_REFUSALS]
+        if throttle.allow():
+            more = throttle.take_suppressed()
             log.warning(
                 "admin api: %s %r from %s refused: %s%s",
                 request.method,
@@ -291,6 +292,7 @@ def build_api(runtime: Runtime, token: str) -> web.Application:
     """The API as an app to mount at ``/admin/``."""
     api = web.Application(middlewares=[_guard])
     api[_TOKEN_DIGEST] = _digest(token)
+    api[_REFUSALS] = Throttle(burst=5, period=60.0)
     h = _Api(runtime)
     api.router.add_get("/users/{user_id}/sessions", h.list_user, name="list_user")
     api.router.add_delete("/users/{user_id}/sessions", h.revoke_user, name="revoke_user")

@@ -27,6 +27,8 @@ from gateway.app import build_app, server_kwargs
 from gateway.config import parse_settings
 from gateway.testing import GatewayTestServer
 
+from .ops_fixtures import make_admin  # noqa: F401 - fixture (issue 13)
+
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
