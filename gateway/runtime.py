@@ -61,13 +61,14 @@ async def plugins_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
     redis = rt.redis
     services = Services(rt.settings, redis.client, redis.keys, redis.timeout, redis.script)
-    first = rt.chain = build_chain(rt.settings, services)
-    started = await rt.chain.startup()
+    rt.chain = build_chain(rt.settings, services)
+    # Every plugin started (startup stops the started ones and raises otherwise).
+    await rt.chain.startup()
     try:
         yield
     finally:
-        # A reload may have put another chain in place (all of its plugins started).
-        await rt.chain.shutdown(started if rt.chain is first else None)
+        # The chain in place now: a reload may have swapped in another one.
+        await rt.chain.shutdown()
 
 
 async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
