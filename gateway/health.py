@@ -88,8 +88,11 @@ class RedisChecks:
         self.client = client
         self.keys = Keys(settings.session.key_prefix, raw_tokens=settings.session.raw_token_keys)
         self.info: dict[str, Any] = {}
+        self.rdb: bool | None = None  # RDB snapshots configured (None: CONFIG refused)
 
     async def reachable(self) -> Check:
+        # The first round trip opens the connection: not a round trip to measure.
+        await _limited(self.client.ping(), self.settings.redis.timeout)
         rtts = []
         for _ in range(PINGS):
             started = time.perf_counter()
@@ -230,7 +233,7 @@ class RedisChecks:
             save = (await _limited(self.client.config_get("save"))).get("save", "")
         except REDIS_FAILURES:
             save = None  # CONFIG may be renamed away on managed Redis
-        rdb = bool(save) if save is not None else None
+        rdb = self.rdb = bool(save) if save is not None else None
         kinds = [k for k, on in (("AOF", aof), ("RDB snapshots", rdb)) if on]
         data = {"aof": bool(aof), "rdb": rdb}
         if problems:
@@ -302,20 +305,16 @@ class RedisChecks:
         )
 
     def backups(self) -> Check:
-        last = int(self.info.get("rdb_last_save_time", 0))
-        age = time.time() - last if last else None
         aof = int(self.info.get("aof_enabled", 0))
-        if age is None:
-            return Check("backups", "warn", "no RDB save yet")
-        text = f"last RDB save {age / 3600:.1f} h ago"
+        if self.rdb is False and not aof:
+            return Check("backups", "warn", "no RDB snapshots and no AOF: nothing to back up")
+        age = time.time() - int(self.info.get("rdb_last_save_time", 0))
+        changes = int(self.info.get("rdb_changes_since_last_save", 0))
+        text = f"last RDB save {age / 3600:.1f} h ago, {changes} changes since"
         if aof:
-            text += f", AOF rewrite {self.info.get('aof_last_bgrewrite_status', '?')}"
-        return Check(
-            "backups",
-            "warn" if age > BACKUP_AGE_WARN and not aof else "ok",
-            text,
-            {"last_save_age_s": round(age)},
-        )
+            text += f"; AOF last rewrite {self.info.get('aof_last_bgrewrite_status', '?')}"
+        stale = age > BACKUP_AGE_WARN and changes > 0 and not aof
+        return Check("backups", "warn" if stale else "ok", text, {"last_save_age_s": round(age)})
 
     async def _sample(self, pattern: str, limit: int) -> list[str]:
         """Up to ``limit`` keys matching ``pattern`` (a bounded SCAN, never KEYS)."""
