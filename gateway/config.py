@@ -344,6 +344,12 @@ class AdminSettings(_Frozen):
     # carts, ...) and reads of its memory (population.py); 0: never.
     population_interval: float = Field(30.0, ge=0)
 
+    @field_validator("token", mode="before")
+    @classmethod
+    def _no_token(cls, v: Any) -> Any:
+        # `token: ${ADMIN_TOKEN:-}` with the variable unset: the API is off.
+        return None if v == "" else v
+
     @field_validator("token")
     @classmethod
     def _token(cls, v: SecretStr | None) -> SecretStr | None:

@@ -168,3 +168,7 @@ for _state in ("in_use", "idle"):
     REDIS_POOL.labels(_state)
 for _kind in ("used", "max"):
     REDIS_MEMORY.labels(_kind)
+for _kind in ("connect", "busy", "timeout", "disconnect", "protocol", "body"):
+    UPSTREAM_ERRORS.labels(_kind)
+for _outcome in ("ok", "error"):
+    ACTIVITY_FLUSHES.labels(_outcome)
