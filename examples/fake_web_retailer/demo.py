@@ -437,8 +437,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
 
     gateway_port = args.port or free_port()
     config = workdir / "gateway.yaml"
-    config.write_text(yaml.safe_dump(gateway_config(gateway_port, redis_url, shop_url),
-                                     sort_keys=False), encoding="utf-8")
+    # The operations walk (issue 13): two workers, the admin listener and its API.
+    from .ops_walk import Ops, ops_config, ops_walk
+
+    admin_port = free_port()
+    cfg = {**gateway_config(gateway_port, redis_url, shop_url), **ops_config(admin_port)}
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     log_path = workdir / "gateway.log"
     command = [*shlex.split(args.gateway_cmd), "--config", str(config)]
     log: IO[bytes] = open(log_path, "wb")  # noqa: ASYNC230 - once, at start
@@ -462,6 +466,11 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
         jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1 too
         async with aiohttp.ClientSession(cookie_jar=jar) as http:
             results = await walk(Visit(base, http, client))
+            if not any(err for _, err in results):
+                admin = f"http://127.0.0.1:{admin_port}"
+                ops = Ops(Visit(base, http, client), admin, cfg["admin"]["token"], config,
+                          proc, redis)
+                results += await ops_walk(ops)
         steps_db = shop_app[STATE].db
         rows, writes = await steps_db.count_sessions(), steps_db.session_writes
         print(f"\nshop database: {rows} session rows, {writes} session writes")
@@ -477,7 +486,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
             print("\nAll steps passed.")
         if args.once:
             return status
-        print(f"\nServing on {base}/ - press Ctrl-C to stop.")
+        print(f"\nServing on {base}/ - press Ctrl-C to stop. Admin listener: "
+              f"http://127.0.0.1:{admin_port}/metrics, /readyz, /admin/ "
+              f"(Authorization: Bearer {cfg['admin']['token']})")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
