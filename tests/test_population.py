@@ -4,6 +4,7 @@ under the key prefix only, with a bounded number of families; memory and evictio
 from __future__ import annotations
 
 import asyncio
+import time
 
 import redis
 from prometheus_client import REGISTRY
@@ -93,4 +94,25 @@ async def test_runs_in_the_background_and_stops_promptly(
     finally:
         async with asyncio.timeout(2):
             await sampler.stop()
+        await client.aclose()
+
+
+async def test_stop_during_a_pass_returns(redis_server: RedisServer, rdb: redis.Redis) -> None:
+    """redis-py (8.2) can swallow a cancellation that lands inside a command: stop() must
+    still return, not wait for the next interval (it hung a test's teardown)."""
+    with rdb.pipeline() as p:
+        for i in range(3000):
+            p.set(f"session:{i}", "1")
+        p.execute()
+    client = make_client(redis_server.url, RedisSettings(url=redis_server.url))
+    try:
+        for i in range(30):
+            sampler = PopulationSampler(client, Keys(""), interval=5, timeout=0.5)
+            sampler.start()
+            await asyncio.sleep(0.0005 * (i % 6))
+            started = time.monotonic()
+            await sampler.stop()
+            # Not the 5 s of the next interval (a guard against a hang; a pass takes ms).
+            assert time.monotonic() - started < 1.0
+    finally:
         await client.aclose()

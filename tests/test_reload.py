@@ -104,8 +104,9 @@ async def test_a_request_in_flight_finishes_on_the_old_table(
     assert await h.reload(cfg)
     new_app = h.rt.table.upstreams["app"]
     assert new_app is not old_app
-    assert not old_app.pools[old_app.servers[0]]._closed  # still in use
     assert (await h.gw.get("/fast")).status == 200  # new requests on the new table
+    await asyncio.sleep(0.1)  # the old table's retirement has had its turns
+    assert not old_app.pools[old_app.servers[0]]._closed  # still in use
     resp = await in_flight
     assert resp.status == 200 and await resp.text() == "slow done"
     for _ in range(40):
@@ -261,6 +262,7 @@ async def test_close_retires_what_is_still_swapped_out(harness: Any, upstream: U
     await asyncio.sleep(0.1)
     cfg["plugins"] = [{"cart": {"contents_header": True}}]
     assert await h.reload(cfg)
+    await asyncio.sleep(0.1)
     assert shut == []  # a request still runs on it
     assert (await pending).status == 200
     await h.reloader.close()
