@@ -69,6 +69,9 @@ def test_short_token_refused_by_config() -> None:
     cfg["admin"] = {"token": "short"}
     with pytest.raises(ConfigError, match=r"^admin\.token: must be at least 16 characters$"):
         parse_settings(cfg)
+    # `token: ${ADMIN_TOKEN:-}` with the variable unset: the API is off.
+    cfg["admin"] = {"token": ""}
+    assert parse_settings(cfg).admin.token is None
 
 
 async def test_bearer_token_required(
