@@ -197,3 +197,18 @@ async def test_metrics_endpoint_lists_the_new_metrics(
         "gateway_worker_processes",
     ):
         assert f"\n{name}" in text, name
+
+
+async def test_logout_everywhere_counts_every_session_it_ended(
+    make_gateway: Any, upstream: Upstream
+) -> None:
+    gw = await make_gateway()
+    tokens = []
+    for _ in range(3):
+        gw.session.cookie_jar.clear()
+        tokens.append(await login(gw, upstream, "31"))
+    before = sample("gateway_sessions_total", event="logged_out")
+    upstream.reply_headers("/bye", ("X-Session-Logout", "all"))
+    resp = await gw.get("/bye", cookies={"sid": tokens[0]})
+    assert resp.status == 200
+    assert sample("gateway_sessions_total", event="logged_out") - before == 3
