@@ -13,7 +13,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    # The gateway serves /healthz on its admin listener (admin.listen in the config).
+    # Liveness on the admin listener (admin.listen in the config): /healthz answers while
+    # the process does. Not /readyz: an orchestrator that replaces unhealthy containers
+    # (Swarm) would restart every gateway while Redis is down, which fixes nothing.
+    # Deployments whose health status only routes traffic can point this at /readyz
+    # (deploy/compose.yaml does).
     GATEWAY_HEALTHCHECK_URL=http://127.0.0.1:9090/healthz
 
 WORKDIR /app

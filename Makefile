@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: test lint typecheck pytest demo migrate-demo failover-demo bench bench-smoke run system-deps clean
+.PHONY: test lint typecheck pytest demo migrate-demo failover-demo bench bench-smoke run system-deps clean promtool
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -65,6 +65,17 @@ bench-smoke: $(STAMP) system-deps
 # and prints the failure-recovery matrix measured on this machine (bench/failover_demo.py).
 failover-demo: $(STAMP) system-deps
 	$(BIN)/python -m bench.failover_demo $(ARGS)
+
+# promtool validates deploy/prometheus/ (tests/test_dashboards.py runs it when present).
+# Extracted from Debian's prometheus package into .venv/bin: installing the package would
+# also start a Prometheus server (on the admin listener's usual port), so it is not part
+# of `make test`.
+promtool: $(STAMP)
+	@test -x $(BIN)/promtool || { \
+	  tmp=$$(mktemp -d) && (cd $$tmp && apt-get download -qq prometheus && \
+	  dpkg -x prometheus_*.deb x) && cp $$tmp/x/usr/bin/promtool $(BIN)/promtool; \
+	  status=$$?; rm -rf $$tmp; exit $$status; }
+	$(BIN)/promtool --version | head -1
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -1,5 +1,7 @@
 """``python -m gateway --config config.yaml [--check] [--log-format json]``;
-``python -m gateway migrate status --config config.yaml`` (migrate.py)."""
+``python -m gateway migrate status --config config.yaml`` (migrate.py);
+``python -m gateway health --config config.yaml [--comprehensive] [--json]``
+(health.py)."""
 
 from __future__ import annotations
 
@@ -16,12 +18,12 @@ from aiohttp import web
 from . import logs
 from .admin import build_admin_app
 from .app import RUNTIME, build_app, server_kwargs
-from .chain import validate_plugins
-from .config import ConfigError, Settings, load_settings, split_host_port
+from .config import ConfigError, Settings, split_host_port
+from .configcheck import load_checked
 from .errors import REDIS_FAILURES
-from .redis.client import check_tls
+from .reload import ConfigSource, Reloader
 from .server import GatewayRunner
-from .tls import listeners, server_context
+from .tls import listeners
 
 log = logging.getLogger("gateway")
 
@@ -46,11 +48,19 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def serve(
-    settings: Settings, worker: int | None = None, tls: ssl.SSLContext | None = None
+    settings: Settings,
+    worker: int | None = None,
+    tls: ssl.SSLContext | None = None,
+    source: ConfigSource | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT. ``tls``: server_context(settings.listen_tls), built by
-    main() so that a bad certificate is a config error, not a start-up failure."""
+    main() so that a bad certificate is a config error, not a start-up failure.
+    ``source``: the file to read again on SIGHUP (reload.py)."""
     app = build_app(settings)
+    reloader: Reloader | None = None
+    if source is not None:
+        reloader = Reloader(app[RUNTIME], source)
+        app[RUNTIME].on_stop.append(reloader.close)
     runner = GatewayRunner(
         app,
         settings,
@@ -73,7 +83,8 @@ async def serve(
         await site.start()
         names.append(f"{'https' if context else 'http'}://{address}")
     admin_runner: web.AppRunner | None = None
-    # With several workers only the first serves /healthz and /metrics (its own counters).
+    # With several workers only the first serves the admin listener (every worker's
+    # metrics: metrics_export.py).
     if settings.admin.listen and not worker:
         admin_runner = web.AppRunner(
             build_admin_app(app[RUNTIME]),
@@ -85,11 +96,17 @@ async def serve(
         await admin_runner.setup()
         ahost, aport = split_host_port(settings.admin.listen)
         await web.TCPSite(admin_runner, ahost, aport).start()
-        log.info("admin listening on %s (/healthz, /metrics)", settings.admin.listen)
+        log.info(
+            "admin listening on %s (/healthz, /readyz, /metrics%s)",
+            settings.admin.listen,
+            ", /admin/" if settings.admin.token is not None else "",
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if reloader is not None:
+        loop.add_signal_handler(signal.SIGHUP, reloader.trigger)
     who = f"worker {worker}, " if worker is not None else ""
     log.info("gateway listening on %s (%spid %d)", ", ".join(names), who, os.getpid())
     await stop.wait()
@@ -103,19 +120,19 @@ async def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
-    given = sys.argv[1:] if argv is None else argv
-    if given[:1] == ["migrate"]:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["migrate"]:
         from . import migrate
 
-        return migrate.main(given[1:])
+        return migrate.main(argv[1:])
+    if argv[:1] == ["health"]:
+        from .health import main as health
+
+        return health(argv[1:])
     args = _args(argv)
     try:
-        settings = load_settings(args.config)
-        validate_plugins(settings)
-        # Here, not in config validation: it reads files, and a bad one must stop --check
-        # too. Each worker builds its own (an SSLContext does not cross processes).
-        tls = server_context(settings.listen_tls) if settings.listen_tls else None
-        check_tls(settings.redis.tls)
+        settings, tls = load_checked(args.config)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -124,11 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logs.setup(args.log_format or settings.logging.format, args.log_level or settings.logging.level)
     worker_redis = os.environ.get("GATEWAY_WORKER_REDIS_URL")
-    if args.worker_index is not None and worker_redis:
-        # The supervisor resolved redis.url (e.g. started the embedded server) once.
-        settings = settings.model_copy(
-            update={"redis": settings.redis.model_copy(update={"url": worker_redis})}
-        )
+
+    def for_this_process(s: Settings) -> Settings:
+        if args.worker_index is not None and worker_redis:
+            # The supervisor resolved redis.url (e.g. started the embedded server) once.
+            return s.model_copy(update={"redis": s.redis.model_copy(update={"url": worker_redis})})
+        return s
+
+    source = ConfigSource(args.config, settings, for_this_process, args.log_level)
+    settings = for_this_process(settings)
     workers = args.workers if args.workers is not None else settings.workers
     if workers > 1 and args.worker_index is None:
         from .workers import supervise
@@ -141,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; this is for odd platforms
         runner = asyncio.run  # type: ignore[assignment]
     try:
-        runner(serve(settings, args.worker_index, tls))
+        runner(serve(settings, args.worker_index, tls, source))
     except KeyboardInterrupt:
         pass
     except Exception as e:

@@ -3,7 +3,6 @@ one catch-all handler, and the options every runner of it uses."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from aiohttp import web
@@ -34,8 +33,9 @@ def server_kwargs(settings: Settings) -> dict[str, Any]:
         # Idle keep-alive connections, and connections that never send, are closed after
         # this (aiohttp's default is an hour).
         "keepalive_timeout": settings.limits.keepalive_timeout,
-        # Off by default: a line per request costs more than proxying it.
-        "access_log": logging.getLogger("gateway.access") if settings.logging.access_log else None,
+        # The gateway writes its own access line (access_log.py: route, upstream server,
+        # session id), when logging.access_log asks for it.
+        "access_log": None,
     }
 
 

@@ -483,6 +483,25 @@ class AdminSettings(_Frozen):
     # Health and Prometheus metrics on their own listener, so a route of the proxied
     # application can never shadow them and they need not be exposed publicly.
     listen: str | None = None
+    # Bearer token of the admin API (admin_api.py); absent, the API is off. SecretStr:
+    # it shows as ********** in any repr, log line or error message. Use ${ENV}.
+    token: SecretStr | None = None
+    # Seconds between background counts of the keys in Redis by family (sessions,
+    # carts, ...) and reads of its memory (population.py); 0: never.
+    population_interval: float = Field(30.0, ge=0)
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _no_token(cls, v: Any) -> Any:
+        # `token: ${ADMIN_TOKEN:-}` with the variable unset: the API is off.
+        return None if v == "" else v
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return v
 
     @field_validator("listen")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -26,7 +27,8 @@ class RedisUnavailable(Exception):
 async def bounded(op: str, aw: Awaitable[T], limit: float | None) -> T:
     """Await a Redis operation within ``limit`` seconds (None: the operation enforces
     one itself), turning every failure into RedisUnavailable, logged and counted by
-    ``op``."""
+    ``op``; its time goes into gateway_redis_seconds{op}."""
+    started = time.perf_counter()
     try:
         if limit is None:
             return await aw
@@ -36,3 +38,5 @@ async def bounded(op: str, aw: Awaitable[T], limit: float | None) -> T:
         metrics.REDIS_ERRORS.labels(op).inc()
         log.warning("redis %s failed: %s: %s", op, type(e).__name__, e)
         raise RedisUnavailable(op) from e
+    finally:
+        metrics.REDIS_SECONDS.labels(op).observe(time.perf_counter() - started)

@@ -31,6 +31,11 @@ class JsonFormatter(logging.Formatter):
         rid = getattr(record, "request_id", "")
         if rid:
             doc["request_id"] = rid
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):
+            # An access line (access_log.py): its fields are the document's own.
+            doc["msg"] = "access"
+            doc.update(access)
         if record.exc_info:
             # One line even for a traceback: log shippers split on newlines.
             doc["exc"] = self.formatException(record.exc_info)

@@ -101,6 +101,8 @@ class RequestContext:
     # Set when a plugin's bypass_sessions hook left this request's session to the
     # backend: no gateway session, no session cookie, no X-Session-* header either way.
     sessions_bypassed: bool = False
+    # The upstream server that answered (scheme://host:port), once one has.
+    upstream_server: str = ""
 
 
 class Plugin:

@@ -23,6 +23,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from . import metrics
+from .access_log import AccessLog
 from .body import ClientBodyError, RequestBody
 from .chain import Chain
 from .checks import malformed
@@ -90,16 +91,28 @@ class Gateway:
         self.pageviews = PageViews(settings.activity)
         self._refusals = Throttle()
         self._request_counters: dict[tuple[str, int], Any] = {}
+        self.access: AccessLog | None = AccessLog() if settings.logging.access_log else None
 
     # -- entry point ---------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        # The table is counted while a request uses it: a reload closes the pools of
+        # the one it replaced (and shuts down the plugins swapped with it) only once
+        # the requests begun on it are done (reload.py).
+        table = self.table
+        table.inflight += 1
+        try:
+            return await self._handle(request, table)
+        finally:
+            table.inflight -= 1
+
+    async def _handle(self, request: web.Request, table: RouteTable) -> web.StreamResponse:
         started = time.perf_counter()
         rids = request.headers.getall("X-Request-Id", ())
         rid = rids[0] if len(rids) == 1 and REQUEST_ID_RE.fullmatch(rids[0]) else _new_request_id()
         request_id_var.set(rid)
         route: RouteSettings | None = None
-        table = self.table
+        ctx: RequestContext | None = None
         try:
             bad = malformed(request)
             if bad is not None:
@@ -152,7 +165,10 @@ class Gateway:
             counter = metrics.REQUESTS.labels(label[0], f"{label[1]}xx")
             self._request_counters[label] = counter
         counter.inc()
-        metrics.LATENCY.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        metrics.LATENCY.observe(seconds)
+        if self.access is not None:
+            self.access.write(request, route, resp.status, seconds, ctx, rid)
         return resp
 
     def _refused(self, request: web.Request, status: int, why: str) -> None:
@@ -218,6 +234,7 @@ class Gateway:
                     body,
                     body_started=lambda: isinstance(body, RequestBody) and body.started,
                 )
+                ctx.upstream_server = upstream_resp.server
                 try:
                     return await self._respond(ctx, upstream_resp)
                 finally:

@@ -6,6 +6,8 @@ The path matched is the canonical one (paths.py), and it is the path sent upstre
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from .config import PathSettings, RouteSettings, Settings
 from .paths import PathError, climbs_elsewhere, read, strict_refusal
 from .upstream import Upstream
@@ -75,13 +77,25 @@ class Router:
 
 class RouteTable:
     """Routes and upstreams, held as one object so that a reload can swap both at once
-    (a request reads the table once, at its start, and keeps that one)."""
+    (a request reads the table once, at its start, and keeps that one).
 
-    def __init__(self, settings: Settings) -> None:
+    ``reuse``: the upstreams of the table this one replaces; those whose settings are
+    unchanged are kept as they are (their warm pools and ejections), the rest are new.
+    ``inflight`` counts the requests that began on this table (the proxy keeps it), so
+    a reload can tell when the old one is no longer used."""
+
+    def __init__(self, settings: Settings, reuse: Mapping[str, Upstream] | None = None) -> None:
         self.router = Router(settings.routes, settings.paths)
-        self.upstreams = {n: Upstream(n, u) for n, u in settings.upstreams.items()}
+        old = reuse or {}
+        self.upstreams = {
+            n: old[n] if n in old and old[n].settings == u else Upstream(n, u)
+            for n, u in settings.upstreams.items()
+        }
+        self.inflight = 0
 
-    def close(self) -> None:
-        """Close the upstreams' idle pooled connections."""
-        for u in self.upstreams.values():
-            u.close()
+    def close(self, keep: Mapping[str, Upstream] | None = None) -> None:
+        """Close the upstreams' idle pooled connections (connections in use close as
+        their requests end), except the upstreams in ``keep`` (the next table's)."""
+        for name, u in self.upstreams.items():
+            if keep is None or keep.get(name) is not u:
+                u.close()

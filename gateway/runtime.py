@@ -1,7 +1,7 @@
 """Everything a gateway process runs on, built from the settings: one ``cleanup_ctx``
 per resource, in dependency order, so that shutdown releases them in reverse (plugins'
 background work drained, upstream pools closed, activity flushed, plugins stopped,
-Redis closed last).
+Redis closed last); the process's sampled gauges (gauges.py) run beside them.
 
 The :class:`Runtime` holds them; the proxy app and the admin app are both fed from it.
 """
@@ -9,13 +9,14 @@ The :class:`Runtime` holds them; the proxy app and the admin app are both fed fr
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 
 from .chain import Chain, build_chain
 from .config import Settings
+from .gauges import ProcessGauges
 from .plugin import Services
 from .proxy import Gateway
 from .redis import RedisLayer, open_redis
@@ -37,6 +38,9 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Run first when the app stops, once requests are done (a reload's swapped-out
+        # routes and plugins are closed here: reload.py).
+        self.on_stop: list[Callable[[], Awaitable[None]]] = []
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -60,11 +64,13 @@ async def plugins_ctx(app: web.Application) -> AsyncIterator[None]:
         rt.settings, redis.client, redis.keys, redis.timeout, redis.script, redis.cluster
     )
     rt.chain = build_chain(rt.settings, services)
-    started = await rt.chain.startup()
+    # Every plugin started (startup stops the started ones and raises otherwise).
+    await rt.chain.startup()
     try:
         yield
     finally:
-        await rt.chain.shutdown(started)
+        # The chain in place now: a reload may have swapped in another one.
+        await rt.chain.shutdown()
 
 
 async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -104,7 +110,23 @@ async def proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     rt = app[RUNTIME]
     rt.gateway = Gateway(rt.settings, rt.table, rt.sessions, rt.chain, rt.ws_client)
     yield
+    for stop in rt.on_stop:
+        await stop()
     await rt.chain.drain(5.0)
 
 
-CONTEXTS: tuple[Ctx, ...] = (redis_ctx, plugins_ctx, sessions_ctx, upstreams_ctx, proxy_ctx)
+async def gauges_ctx(app: web.Application) -> AsyncIterator[None]:
+    gauges = ProcessGauges(app[RUNTIME])
+    gauges.start()
+    yield
+    await gauges.stop()
+
+
+CONTEXTS: tuple[Ctx, ...] = (
+    redis_ctx,
+    plugins_ctx,
+    sessions_ctx,
+    upstreams_ctx,
+    proxy_ctx,
+    gauges_ctx,
+)

@@ -46,6 +46,7 @@ class Upstream:
         }
         self._rr = itertools.cycle(range(len(self.servers)))
         self._ejected_until = [0.0] * len(self.servers)
+        self._seconds = metrics.UPSTREAM_SECONDS.labels(name)
 
     def candidates(self) -> Iterator[URL]:
         """Every server once, starting at the next in turn, healthy ones first."""
@@ -77,6 +78,10 @@ class Upstream:
             self.settings.eject_seconds,
         )
 
+    def ejected(self, server: URL) -> bool:
+        """Whether ``server`` is skipped for now (it refused a connection lately)."""
+        return self._ejected_until[self.servers.index(server)] > time.monotonic()
+
     def restore(self, server: URL) -> None:
         i = self.servers.index(server)
         if self._ejected_until[i]:
@@ -97,6 +102,7 @@ class Upstream:
         streamed = body is not None and not isinstance(body, bytes)
         last_error = ""
         for server in self.candidates():
+            started = time.perf_counter()
             try:
                 resp = await self.pools[server].request(method, target, headers, body)
             except ConnectFailed as e:
@@ -137,6 +143,7 @@ class Upstream:
                 metrics.UPSTREAM_ERRORS.labels("protocol").inc()
                 log.warning("upstream %s %s: %s: %s", self.name, server, type(e).__name__, e)
                 raise UpstreamFailure(502, "bad gateway: invalid upstream response") from None
+            self._seconds.observe(time.perf_counter() - started)
             self.restore(server)
             return resp
         log.warning("upstream %s: no server answered (%s)", self.name, last_error)

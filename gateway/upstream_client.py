@@ -81,6 +81,7 @@ class UpstreamResponse:
         "content_length",
         "headers",
         "reason",
+        "server",
         "status",
     )
 
@@ -103,6 +104,8 @@ class UpstreamResponse:
         self._pool: Pool | None = pool
         self._proto = proto
         self._dedicated = dedicated
+        # Which server answered (scheme://host:port), for the access log.
+        self.server = pool.name
 
     async def read(self) -> bytes:
         return await self.content.read()
@@ -125,6 +128,7 @@ class Pool:
         self, server: URL, limit: int, connect_timeout: float, read_timeout: float
     ) -> None:
         https = server.scheme == "https"
+        self.name = str(server)
         self.host = server.raw_host or ""
         self.port = server.port or (443 if https else 80)
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if https else None
@@ -141,6 +145,15 @@ class Pool:
         # (they wait on a client, which a pooled connection must never do), at most
         # ``limit`` of them too.
         self._streams = 0
+
+    @property
+    def in_use(self) -> int:
+        """Connections open and not idle (in a request), streamed uploads included."""
+        return self._open - len(self._idle) + self._streams
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
 
     def _take_idle(self) -> ResponseHandler | None:
         """The most recently used idle connection still fit for reuse; stale ones close."""

@@ -4,8 +4,8 @@ The gateway keeps no state between requests beyond a write-behind buffer per pro
 scaling out on one host is N identical processes sharing the listen socket through
 SO_REUSEPORT (the kernel spreads connections). The supervisor starts them, restarts one
 that dies (after a back-off, so a worker that cannot start does not spin), forwards
-SIGTERM/SIGINT, waits for each to drain and flush, and owns the embedded Redis if there
-is one, so it outlives every worker's final flush.
+SIGTERM/SIGINT (and SIGHUP, a reload), waits for each to drain and flush, and owns the
+embedded Redis if there is one, so it outlives every worker's final flush.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import sys
 import time
 
 from .config import Settings
+from .metrics_export import WorkerMetrics
 from .redis import start_embedded
 
 log = logging.getLogger("gateway.workers")
@@ -48,16 +49,19 @@ _PR_SET_PDEATHSIG = 1
 
 
 class Supervisor:
-    def __init__(self, argv: list[str], workers: int, redis_url: str) -> None:
+    def __init__(
+        self, argv: list[str], workers: int, redis_url: str, metrics: WorkerMetrics
+    ) -> None:
         self.argv = argv
         self.workers = workers
         self.redis_url = redis_url
+        self.metrics = metrics
         self.children: dict[int, asyncio.subprocess.Process] = {}
         self.stopping = asyncio.Event()
         self.restarts = 0
 
     async def _spawn(self, index: int) -> asyncio.subprocess.Process:
-        env = dict(os.environ)
+        env = {**os.environ, **self.metrics.env()}
         if self.redis_url:
             # The URL may carry a password: the environment, not argv (ps).
             env["GATEWAY_WORKER_REDIS_URL"] = self.redis_url
@@ -85,6 +89,8 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
             code = await proc.wait()
+            # Its gauges no longer count (counters stay summed).
+            self.metrics.worker_exited(proc.pid)
             if self.stopping.is_set():
                 # A worker still starting when SIGTERM came dies of it before it could
                 # handle it: it had nothing to drain.
@@ -119,7 +125,8 @@ class Supervisor:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP: each worker reloads the config file itself (reload.py).
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.forward, sig)
         log.info("supervising %d workers", self.workers)
         try:
@@ -137,11 +144,14 @@ class Supervisor:
 
 async def _supervise(settings: Settings, argv: list[str], workers: int) -> int:
     url, embedded = await start_embedded(settings.redis)
+    # Every worker's metrics, summed on worker 0's /metrics.
+    shared_metrics = WorkerMetrics()
     try:
-        return await Supervisor(argv, workers, url).run()
+        return await Supervisor(argv, workers, url, shared_metrics).run()
     finally:
         if embedded is not None:
             await embedded.stop()
+        shared_metrics.close()
 
 
 def supervise(settings: Settings, workers: int, argv: list[str]) -> int:

@@ -29,6 +29,8 @@ from gateway.app import build_app, server_kwargs
 from gateway.config import parse_settings
 from gateway.testing import GatewayTestServer
 
+from .ops_fixtures import make_admin  # noqa: F401 - fixture (issue 13)
+
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -329,7 +331,8 @@ def gateway_process(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Gatew
 
     def start(cfg: dict[str, Any], nofile: int | None = None) -> GatewayProcess:
         port, admin = free_port(), free_port()
-        cfg = {**cfg, "listen": f"127.0.0.1:{port}", "admin": {"listen": f"127.0.0.1:{admin}"}}
+        admin_cfg = {**cfg.get("admin", {}), "listen": f"127.0.0.1:{admin}"}
+        cfg = {**cfg, "listen": f"127.0.0.1:{port}", "admin": admin_cfg}
         path = Path(tempfile.mkstemp(suffix=".yaml", dir=tmp_path)[1])
         path.write_text(yaml.safe_dump(cfg))
         log_path = path.with_suffix(".log")

@@ -38,6 +38,13 @@ def test_demo_walk_passes_end_to_end(tmp_path: Path) -> None:
     assert "viewed:ranking (zset" in r.stdout
     assert "1 item from your earlier visit was added to your cart." in r.stdout
     assert "Redis is empty again, as before the walk" in r.stdout
+    # The operations walk (issue 13): both workers' metrics, the admin API's logout
+    # everywhere, readiness with Redis down and back, health, a reload under load.
+    assert "gateway_worker_processes 2" in r.stdout
+    assert "browser 2's next page: the shop sees a guest" in r.stdout
+    assert "/readyz 503: failed ['redis']" in r.stdout and "/readyz 200 again" in r.stdout
+    assert "gateway ready      ready" in r.stdout
+    assert "during the reload: 0 failed" in r.stdout
     assert r.stdout.rstrip().endswith(STOPPED)
 
 

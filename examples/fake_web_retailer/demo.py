@@ -202,8 +202,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
 
         config = workdir / "gateway.yaml"
         listen = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
-        config.write_text(yaml.safe_dump(gateway_config(listen, redis_url, shop_url),
-                                         sort_keys=False), encoding="utf-8")
+        # The operations walk (issue 13): two workers, the admin listener and its API.
+        from .ops_walk import Ops, ops_config, ops_walk
+
+        admin_port = free_port()
+        cfg = {**gateway_config(listen, redis_url, shop_url), **ops_config(admin_port)}
+        config.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
         log_path = workdir / "gateway.log"
         command = [*shlex.split(args.gateway_cmd), "--config", str(config)]
         log: IO[bytes] = open(log_path, "wb")  # noqa: ASYNC230 - once, at start
@@ -228,6 +232,11 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
         jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1 too
         async with aiohttp.ClientSession(cookie_jar=jar) as http:
             results = await walk(Visit(base, http, client))
+            if not any(err for _, err in results):
+                admin = f"http://127.0.0.1:{admin_port}"
+                ops = Ops(Visit(base, http, client), admin, cfg["admin"]["token"], config,
+                          proc, redis)
+                results += await ops_walk(ops)
         db = shop_app[STATE].db
         rows, writes = await db.count_sessions(), db.session_writes
         print(f"\nshop database: {rows} session rows, {writes} session writes")
@@ -245,6 +254,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> int:
         if args.once:
             return status
         ready(visit_url(args.host, args.port), args.host)
+        print(f"  Admin listener: http://127.0.0.1:{admin_port}/metrics, /readyz, /admin/ "
+              f"(Authorization: Bearer {cfg['admin']['token']})")
         await proc.wait()
         print(f"the gateway exited with status {proc.returncode}; log:\n{tail(log_path)}")
         return 1

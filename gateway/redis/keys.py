@@ -95,6 +95,10 @@ class Keys:
         """Guests created from one client address this minute."""
         return f"{self.prefix}gw:guests:{bucket}"
 
+    def probe(self, who: str) -> str:
+        """The key a readiness or health check writes (one per process, short TTL)."""
+        return f"{self.prefix}gw:probe:{who}"
+
     def named(self, name: str) -> str:
         """A key shared by every session (a ranking, a cache entry, a rate limit log)."""
         return f"{self.prefix}{name}"

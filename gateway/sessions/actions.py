@@ -100,12 +100,15 @@ class SessionActions:
         part-way raises RedisUnavailable; what it left, the next logout everywhere ends."""
         self.activity.discard(self.keys.session(session.key_id))
         steps = self.store.logout(session, everywhere)
+        ended = 0
         try:
             while (ids := await bounded("logout", anext(steps, None), self.timeout)) is not None:
                 await self._ended(ids)
+                ended += len(ids)
         finally:
             await steps.aclose()
-        metrics.SESSION_EVENTS.labels("logged_out").inc()
+            # Sessions, as the other events count: a logout everywhere ends several.
+            metrics.SESSION_EVENTS.labels("logged_out").inc(ended)
         log.info("logout%s session=%s", " everywhere" if everywhere else "", session.id[:12])
 
     async def revoke(self, key_id: str) -> bool:

@@ -40,6 +40,7 @@ from .model import apply_activity, ts
 from .nearcache import NearCache
 
 log = logging.getLogger("gateway.activity")
+_SECONDS = metrics.REDIS_SECONDS.labels("activity")
 
 # Sessions per script call: one call blocks Redis (and the reads queued behind it) for
 # its whole run, so a backlog goes out as several short calls, not one long one.
@@ -256,6 +257,7 @@ class ActivityWriter:
         while self._retry:
             batch = self._retry[0]
             batch.sent = True
+            started = time.perf_counter()
             try:
                 async with asyncio.timeout(self.settings.flush_timeout):
                     await self._send(batch)
@@ -275,6 +277,7 @@ class ActivityWriter:
                 log.exception("activity flush failed; dropping %d sessions", len(batch.entries))
                 metrics.ACTIVITY_DROPPED.inc(len(batch.entries))
             finally:
+                _SECONDS.observe(time.perf_counter() - started)
                 metrics.ACTIVITY_PENDING.set(self.pending_count())
             if self._retry and self._retry[0] is batch:
                 self._retry.pop(0)

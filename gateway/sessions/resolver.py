@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from .. import metrics
 from ..errors import RedisUnavailable, bounded
 from ..plugin import RequestContext
 from ..responses import text_response, unavailable
@@ -26,6 +27,9 @@ from .store import SessionStore
 
 if TYPE_CHECKING:
     from ..chain import Chain
+
+_INVALID = metrics.SESSION_LOOKUPS.labels("invalid")
+_ERROR = metrics.SESSION_LOOKUPS.labels("error")
 
 
 class SessionResolver:
@@ -52,6 +56,8 @@ class SessionResolver:
         # take neither rather than guess which one the user really holds.
         token = values[0] if len(values) == 1 and valid_token(values[0]) else None
         stale = bool(values)
+        if stale and token is None:
+            _INVALID.inc()
         try:
             if token is not None:
                 ctx.session = await self._from_gateway(ctx, token)
@@ -63,6 +69,7 @@ class SessionResolver:
                     ctx.cookies.append(self.cookie.for_token(ctx.session.token))
                     stale = False
         except RedisUnavailable:
+            _ERROR.inc()
             ctx.redis_ok = False
             # SECURITY: a required route's backend never sees a request without a live
             # session, whatever on_redis_error says: a client that can slow Redis down

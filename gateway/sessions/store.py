@@ -28,6 +28,11 @@ log = logging.getLogger("gateway.sessions")
 
 _WRITES = metrics.REDIS_COMMANDS.labels("session_write")
 _READS = metrics.REDIS_COMMANDS.labels("session_read")
+# Lookups by result (the resolver counts the invalid cookies and the Redis failures).
+_NEAR_CACHE_HIT = metrics.SESSION_LOOKUPS.labels("near_cache_hit")
+_REDIS_HIT = metrics.SESSION_LOOKUPS.labels("redis_hit")
+_MISS = metrics.SESSION_LOOKUPS.labels("miss")
+_EXPIRED = metrics.SESSION_LOOKUPS.labels("expired")
 
 
 class SessionStore:
@@ -113,7 +118,9 @@ class SessionStore:
         fields = cache.get(self.keys.session(key_id))
         if fields is None:
             return False, None
-        return True, self.from_fields(token, fields, time.time(), key_id)
+        session = self.from_fields(token, fields, time.time(), key_id)
+        (_NEAR_CACHE_HIT if session is not None else _EXPIRED).inc()
+        return True, session
 
     async def load(
         self, token: str, key_id: str, extra: tuple[Command, ...] = ()
@@ -149,6 +156,7 @@ class SessionStore:
             self._add_unflushed(key, fields)
         now = time.time()
         session = self.from_fields(token, fields, now, key_id)
+        (_REDIS_HIT if session is not None else _EXPIRED if fields else _MISS).inc()
         if session is not None and "login_time" not in fields:
             # A session written by other software (migrated data) has no start: it gets
             # one now, once, so the absolute lifetime is enforced from here on.
