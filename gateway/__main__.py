@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -28,6 +29,8 @@ from .tls import listeners
 log = logging.getLogger("gateway")
 
 ADMIN_KEEPALIVE = 5.0
+# The first generation is collected after this many net allocations (CPython: 700).
+GC_THRESHOLD = 20_000
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -101,6 +104,14 @@ async def serve(
             settings.admin.listen,
             ", /admin/" if settings.admin.token is not None else "",
         )
+    # Every request allocates a few hundred short-lived objects, and with CPython's
+    # default first-generation threshold (700) the cyclic collector ran every few
+    # requests, each time also walking the thousands of long-lived objects built at
+    # start-up: about 6 % of the gateway's CPU per request (python -m bench.cpu). Those
+    # objects are moved out of the collector's sight, and it runs less often; garbage
+    # without cycles is freed at once by reference counting either way.
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 50)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -31,10 +31,12 @@ from aiohttp import StreamReader, hdrs, web
 from aiohttp.http import RawRequestMessage
 from aiohttp.web_protocol import RequestPayloadError
 
+from .app import direct_handler
 from .config import LimitsSettings, Settings
 from .forwarded import TrustedProxies, bucket
 from .logs import Throttle
 from .metrics import CLIENT_REFUSALS
+from .runtime import RUNTIME
 
 _REFUSALS = Throttle()
 log = logging.getLogger("gateway.server")
@@ -646,8 +648,11 @@ class GatewayRunner(web.AppRunner):
                 cap,
                 limits.max_connections,
             )
+        # The gateway's app is served by its handler directly (app.direct_handler); any
+        # other app through aiohttp's.
+        handler = direct_handler(self._app) if RUNTIME in self._app else plain.request_handler
         return GuardedServer(
-            plain.request_handler,
+            handler,
             limits=limits,
             max_connections=cap,
             proxies=TrustedProxies(self._settings.trusted_proxies),

@@ -211,11 +211,19 @@ async def test_request_framing_towards_the_backend(
             b"POST /static/b HTTP/1.1\r\nHost: shop\r\nExpect: 100-continue\r\n"
             b"Content-Length: 5\r\nConnection: close\r\n\r\nhello",
         )
-        if raw.startswith(b"HTTP/1.1 100"):
-            raw = raw.split(b"\r\n\r\n", 1)[1]
+        assert raw.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), raw[:80]
+        raw = raw.split(b"\r\n\r\n", 1)[1]
         assert status_of(raw) == 200
         assert seen[-1]["expect"] is None and seen[-1]["body"] == "hello"
         assert seen[-1]["content-length"] == "5"
+        # An expectation the gateway cannot meet is refused before the backend sees it.
+        before = len(seen)
+        raw = await raw_request(
+            port,
+            b"POST /static/b HTTP/1.1\r\nHost: shop\r\nExpect: 200-ok\r\n"
+            b"Content-Length: 5\r\nConnection: close\r\n\r\nhello",
+        )
+        assert status_of(raw) == 417 and len(seen) == before
         # A small chunked upload is read whole first and goes with its length.
         raw = await raw_request(
             port,
