@@ -10,6 +10,7 @@ import hashlib
 import os
 import secrets
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,6 +27,7 @@ from .conftest import (
     Upstream,
     base_config,
     raw_request,
+    start_backend,
     status_of,
     wait_for,
 )
@@ -673,3 +675,43 @@ async def test_admin_actions_revoke_without_a_request(
     gw.session.cookie_jar.clear()
     await gw.get("/page", headers={"Cookie": f"sid={tokens[1]}"})
     assert upstream.last.header("X-Session-Authenticated") == "false"
+
+
+@pytest.mark.parametrize("size", [60_000, 200_000], ids=["sent-whole", "streamed"])
+async def test_a_client_that_stops_reading_is_cut_after_send_timeout(
+    make_gateway: GatewayFactory, redis_server: RedisServer, size: int
+) -> None:
+    """Pipelined requests whose answers the client never reads: once the socket buffers
+    are full the gateway waits to write, and limits.send_timeout ends that wait by
+    closing the connection. Without it the answers wait for the client for ever."""
+    body = b"x" * size
+
+    async def h(request: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    runner, url = await start_backend(h)
+    try:
+        cfg = base_config(redis_server.url, url)
+        cfg["limits"] = {"send_timeout": 0.5}
+        client = await make_gateway(cfg)
+        port = client.server.port
+        assert port is not None
+        n = 400  # far more than the kernel's buffers hold at ~size bytes each
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        try:
+            await loop.sock_sendall(sock, b"GET /static/big HTTP/1.1\r\nHost: shop\r\n\r\n" * n)
+            await asyncio.sleep(3)  # the gateway stalls, then its timer fires
+            got = 0
+            async with asyncio.timeout(10):
+                while chunk := await loop.sock_recv(sock, 1 << 20):
+                    got += len(chunk)
+        finally:
+            sock.close()
+        # The connection was closed by the gateway, well before every answer was out.
+        assert got < n * size // 2, got
+    finally:
+        await runner.cleanup()
