@@ -19,7 +19,7 @@ from aiohttp import web
 from . import logs
 from .admin import build_admin_app
 from .app import RUNTIME, build_app, server_kwargs
-from .config import ConfigError, Settings, split_host_port
+from .config import MAX_WORKERS, ConfigError, Settings, auto_workers, split_host_port
 from .configcheck import load_checked
 from .errors import REDIS_FAILURES
 from .reload import ConfigSource, Reloader
@@ -33,6 +33,18 @@ ADMIN_KEEPALIVE = 5.0
 GC_THRESHOLD = 20_000
 
 
+def _workers_arg(value: str) -> int:
+    if value == "auto":
+        return auto_workers()
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"a number from 1 to {MAX_WORKERS} or 'auto'")
+    return n
+
+
 def _args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
     ap.add_argument("--config", default="config.yaml", help="path to config.yaml")
@@ -41,9 +53,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=None)
     ap.add_argument(
         "--workers",
-        type=int,
+        type=_workers_arg,
         default=None,
-        help="worker processes sharing the port (SO_REUSEPORT); overrides `workers:`",
+        help="worker processes sharing the port (SO_REUSEPORT), or 'auto' (one per CPU); "
+        "overrides `workers:`",
     )
     # Set by the supervisor for its children; not for direct use.
     ap.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)

@@ -509,6 +509,18 @@ class AdminSettings(_Frozen):
         return None if v is None else _host_port(v)
 
 
+MAX_WORKERS = 64
+
+
+def auto_workers() -> int:
+    """``workers: auto``: the CPUs this process may run on, at most MAX_WORKERS."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - platforms without affinity masks
+        n = os.cpu_count() or 1
+    return max(1, min(n, MAX_WORKERS))
+
+
 class Settings(_Frozen):
     listen: str = "127.0.0.1:8080"
     redis: RedisSettings = RedisSettings()
@@ -519,8 +531,10 @@ class Settings(_Frozen):
     plugins: tuple[dict[str, Any], ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     shutdown_timeout: float = Field(15.0, gt=0)
-    # Processes sharing the listen port (SO_REUSEPORT); one event loop each.
-    workers: int = Field(1, ge=1, le=64)
+    # Processes sharing the listen port (SO_REUSEPORT); one event loop each. "auto": one
+    # per CPU this process may run on (its affinity mask, so a container's cpuset or a
+    # taskset counts), resolved when the config is read.
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)
     max_request_header_size: int = Field(16384, gt=0)
     limits: LimitsSettings = LimitsSettings()
     paths: PathSettings = PathSettings()
@@ -534,6 +548,15 @@ class Settings(_Frozen):
     @classmethod
     def _listen(cls, v: str) -> str:
         return _host_port(v)
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if v == "auto":
+            return auto_workers()
+        if isinstance(v, str) or isinstance(v, bool):
+            raise ValueError(f"must be a number from 1 to {MAX_WORKERS} or 'auto'")
+        return v
 
     @field_validator("trusted_proxies")
     @classmethod

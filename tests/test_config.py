@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,8 @@ def test_missing_env_var_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
         (lambda c: c.update(plugins=[{"rate_limit": 5}]), "plugins: rate_limit: options must"),
         (lambda c: c["routes"][0].update(login_url="//evil.example"), "routes[0].login_url: "),
         (lambda c: c.update(trusted_proxies=["10.0.0.300"]), "trusted_proxies: "),
+        (lambda c: c.update(workers="many"), "workers: must be a number from 1 to 64 or 'auto'"),
+        (lambda c: c.update(workers=0), "workers: "),
     ],
 )
 def test_bad_values_name_the_key_path(mutate: Any, message: str) -> None:
@@ -139,3 +142,9 @@ def test_example_config_is_valid() -> None:
     # settings themselves must be valid as shipped.
     s = load_settings(ROOT / "config.yaml")
     assert s.routes
+
+
+def test_workers_auto_is_one_per_cpu_the_process_may_use() -> None:
+    cfg = minimal()
+    cfg["workers"] = "auto"
+    assert parse_settings(cfg).workers == len(os.sched_getaffinity(0))
