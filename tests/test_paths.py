@@ -475,16 +475,40 @@ async def test_bad_path_is_400_without_touching_anything(
     assert rdb.dbsize() == 0
 
 
-@pytest.mark.parametrize(("method", "target"), [(b"OPTIONS", b"*"), (b"GET", b"http://shop")])
-async def test_target_without_a_path_is_never_forwarded(
-    shop: TestClient, upstream: Upstream, rdb: redis.Redis, method: bytes, target: bytes
+@pytest.mark.parametrize(
+    ("method", "target", "gateway"),
+    [(b"OPTIONS", b"*", True), (b"GET", b"*", False), (b"GET", b"shop:80", False)],
+)
+async def test_target_without_a_path_is_refused(
+    shop: TestClient,
+    upstream: Upstream,
+    rdb: redis.Redis,
+    method: bytes,
+    target: bytes,
+    gateway: bool,
 ) -> None:
-    """No aiohttp route can match these (its router needs a path starting with /), so
-    aiohttp answers 404 itself; split_target would refuse them with 400."""
+    """Asterisk-form and authority-form targets name no path any route could serve: 400
+    before any route or Redis. ``OPTIONS *`` reaches the gateway, which answers with its
+    request id; aiohttp's parser refuses the rest itself (an asterisk outside OPTIONS,
+    authority-form outside CONNECT)."""
     status, raw = await send(shop, target, method=method)
-    assert status == 404, raw[:300]
+    assert status == 400, raw[:300]
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert (b"\r\nX-Request-Id: " in head) is gateway, raw[:300]
     assert upstream.received == []
     assert rdb.dbsize() == 0
+
+
+async def test_absolute_form_is_its_path_and_never_picks_the_host(
+    shop: TestClient, upstream: Upstream
+) -> None:
+    """RFC 9112 3.2.2: absolute-form is accepted; an empty path is "/". The backend gets
+    origin-form, and the authority in the target is not where the gateway connects."""
+    for target in (b"http://shop", b"http://evil.example:1234/"):
+        status, raw = await send(shop, target)
+        assert status == 200, raw[:300]
+        assert upstream.last.raw_path == "/"
+        assert upstream.last.header("Host") != "evil.example:1234"
 
 
 async def test_refusal_is_one_log_line_without_traceback(
