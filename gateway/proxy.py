@@ -394,12 +394,14 @@ class Gateway:
         # send_timeout bounds the write (it waits only if the client stops reading) by a
         # plain timer that cuts the connection: asyncio.timeout() here cost three getpid()
         # syscalls (Python 3.11's running-loop check) on every page.
-        timer = self._loop.call_later(self.limits.send_timeout, _cut_slow_reader, ctx.request)
+        deadline = self._loop.time() + self.limits.send_timeout
+        timer = self._loop.call_at(deadline, _cut_slow_reader, ctx.request)
         try:
             await resp.prepare(ctx.request)
             await resp.write_eof()
         except ConnectionError:
-            pass  # cut by the timer, or the client left: nothing more to send
+            if self._loop.time() < deadline:
+                raise  # the client left (logged as such by _handle), not cut by us
         finally:
             timer.cancel()
         self.chain.complete(ctx)
