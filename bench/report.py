@@ -264,6 +264,12 @@ def to_markdown(res: dict[str, Any]) -> str:
                 f"| {_proof_cell(s.get('proof'))} |"
             )
         L.append("")
+        rr = [f"{k} {' / '.join(f'{x:,.0f}' for x in s['rounds_rps'])}"
+              for k, s in sc.items() if len(s.get("rounds_rps", [])) > 1]
+        if rr:
+            L.append("Rounds (req/s of each, alternated over the scenarios; the row is the "
+                     "median round): " + "; ".join(rr) + ".")  # fmt: skip
+            L.append("")
         L.append("CPU µs/request = utime+stime from /proc/<pid>/stat over the measured run "
                  "(Redis: until its write-behind traffic went quiet) ÷ requests completed; "
                  "proxy = the whole process tree (nginx master + workers, gateway supervisor "
