@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: test lint typecheck pytest demo migrate-demo failover-demo bench bench-smoke run system-deps clean promtool
+.PHONY: test lint typecheck pytest demo migrate-demo failover-demo bench bench-smoke bench-deps run system-deps clean promtool
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -55,10 +55,22 @@ demo: $(STAMP) system-deps
 migrate-demo: $(STAMP) system-deps
 	$(BIN)/python -m examples.fake_web_retailer.migrate_demo $(ARGS)
 
-bench: $(STAMP) system-deps
+# The benchmark's OpenResty peer (scenarios n, o, o2; bench/peer/README.md): Debian's
+# nginx-light with the Lua module. Only `make bench`/`bench-smoke` install it here; the
+# smoke test (run by `make test`) installs it itself (bench/openresty.py: ensure_openresty),
+# as `python -m bench` does. Debian's nginx package would start a system nginx on port 80
+# where policy-rc.d allows it; the benchmark never uses it (all its nginx are private).
+bench-deps:
+	@{ command -v wrk && test -e /usr/lib/nginx/modules/ngx_http_lua_module.so && \
+	   test -e /usr/share/lua/5.1/resty/core.lua; } >/dev/null || { \
+	  echo "installing wrk nginx-light libnginx-mod-http-lua lua-resty-core with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    wrk nginx-light libnginx-mod-http-lua lua-resty-core; }
+
+bench: $(STAMP) system-deps bench-deps
 	$(BIN)/python -m bench $(ARGS)
 
-bench-smoke: $(STAMP) system-deps
+bench-smoke: $(STAMP) system-deps bench-deps
 	$(BIN)/python -m bench --smoke $(ARGS)
 
 # Kills a Sentinel-watched master, then a Cluster master, under load through a gateway,

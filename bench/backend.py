@@ -15,7 +15,22 @@ from aiohttp import web
 BODY = b"<html><body><h1>Fake Web Retailer</h1><p>fast backend page</p></body></html>\n"
 
 
+# The proof of work (bench/proof.py): a request carrying `X-Bench-Proof` gets back the
+# user id the proxy put in `X-Session-User-Id` (and whether it called the session
+# authenticated) under a name no proxy strips. Only then, so the measured requests cost
+# the backend exactly what they did before.
+PROOF = "X-Bench-Proof"
+SEEN_USER = "X-Bench-Seen-User-Id"
+SEEN_AUTH = "X-Bench-Seen-Authenticated"
+
+
 async def page(request: web.Request) -> web.Response:
+    if PROOF in request.headers:
+        seen = {
+            SEEN_USER: request.headers.get("X-Session-User-Id", ""),
+            SEEN_AUTH: request.headers.get("X-Session-Authenticated", ""),
+        }
+        return web.Response(body=BODY, content_type="text/html", headers=seen)
     return web.Response(body=BODY, content_type="text/html")
 
 

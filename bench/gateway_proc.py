@@ -23,11 +23,13 @@ def gateway_config(
     *,
     admin_port: int | None = None,
     workers: int = 1,
+    max_connections: int | None = None,
 ) -> dict[str, Any]:
     """config.yaml for the benchmark, following DESIGN.md's contract keys.
 
     `admin_port` adds the admin listener (/metrics, /healthz; with workers > 1 only
-    worker 0 serves it); `workers` > 1 runs that many processes on one port.
+    worker 0 serves it); `workers` > 1 runs that many processes on one port;
+    `max_connections` raises the per-process client connection cap (idle test).
     """
     extra: dict[str, Any] = {}
     if workers > 1:
@@ -46,7 +48,10 @@ def gateway_config(
         "upstreams": {"app": {"servers": [f"http://127.0.0.1:{backend_port}"]}},
         # Every benchmark client is one loopback address: the per-address cap on upstream
         # connections (default 32) would refuse wrk's 64 connections as one client.
-        "limits": {"upstream_per_address": 100_000},
+        "limits": {
+            "upstream_per_address": 100_000,
+            **({"max_connections": max_connections} if max_connections else {}),
+        },
         "routes": [
             {"path": "/nosession/", "upstream": "app", "session": "none"},
             {"path": "/login", "upstream": "app", "session": "optional", "instructions": ["login"]},

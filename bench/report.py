@@ -15,11 +15,22 @@ from typing import Any
 SCENARIOS = {
     "a": "backend directly",
     "b": "nginx proxy_pass (keepalive)",
+    "n": "nginx + Lua module, no session work",
     "c": "naive Redis proxy (case study path)",
     "d": "gateway, session: none",
     "e": "gateway, session: optional",
+    "o": "OpenResty peer, sessions (sync)",
     "f": "gateway, sessions on, 2 workers",
+    "o2": "OpenResty peer, 2 workers",
+    "e-100k": "gateway, sessions on, 100k sessions",
+    "o-100k": "OpenResty peer, 100k sessions",
+    "f-100k": "gateway, 2 workers, 100k sessions",
+    "o2-100k": "OpenResty peer, 2 workers, 100k sessions",
 }
+# Scenarios that must prove their session work before they are measured (bench/proof.py).
+SESSION_SCENARIOS = ("e", "o", "f", "o2", "e-100k", "o-100k", "f-100k", "o2-100k")
+# Scenarios measured at the fixed rate too (the p99 target's, and their pairings).
+FIXED_RATE = ("a", "b", "n", "c", "d", "e", "o", "f", "e-100k", "o-100k")
 LOAD_TESTS = {
     "e": "gateway, 1 process",
     "f": "gateway, 2 workers",
@@ -143,6 +154,62 @@ def evaluate_targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+IDLE_RSS_MIB = 256
+
+
+def evaluate_targets16(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 16's targets, for the 1,000-session and the 100k-session scenarios; the
+    2-worker pairings (f vs o2) are shown for comparison, not as targets."""
+    sc = res.get("scenarios", {})
+    fx = res.get("fixed_rate", {})
+    out: list[dict[str, Any]] = []
+
+    def rps(k: str) -> float | None:
+        v = sc.get(k, {}).get("rps")
+        return float(v) if v else None
+
+    def ratio_row(x: str, y: str, goal: float, info: bool = False, note: str = "") -> None:
+        rx, ry = rps(x), rps(y)
+        r = rx / ry if rx is not None and ry else None
+        out.append(_target(
+            f"{x} ≥ {goal:g}x {y} (req/s){note}", None if r is None else r >= goal,
+            "—" if r is None else f"{r:.2f}x ({rx:,.0f} vs {ry:,.0f})", f"≥ {goal:g}x", info,
+        ))  # fmt: skip
+
+    for e, o, f, o2 in (("e", "o", "f", "o2"), ("e-100k", "o-100k", "f-100k", "o2-100k")):
+        ratio_row(e, o, 1.0, note=" — gateway sessions on vs OpenResty, one process each")
+        ratio_row(e, "d", 0.9, note=" — sessions on vs sessions off")
+        a99, e99 = fx.get("a", {}).get("p99_ms"), fx.get(e, {}).get("p99_ms")
+        added = e99 - a99 if a99 is not None and e99 is not None else None
+        rate = fx.get(e, {}).get("target_rate", 0)
+        out.append(_target(f"p99 added over direct at {rate:g} req/s ({e} - a)",
+                           None if added is None else added <= 1.0,
+                           "—" if added is None else f"{added:+.2f} ms", "≤ 1 ms"))  # fmt: skip
+        re_, ro = sc.get(e, {}).get("redis_cpu_us"), sc.get(o, {}).get("redis_cpu_us")
+        r = re_ / ro if re_ is not None and ro else None
+        out.append(_target(
+            f"Redis CPU per session request, {e} ≤ ¼ of {o}", None if r is None else r <= 0.25,
+            "—" if r is None else f"{re_:.1f} vs {ro:.1f} µs ({r:.2f}x)", "≤ 0.25x",
+        ))  # fmt: skip
+        ratio_row(f, o2, 1.0, info=True, note=" — 2 workers each, for comparison")
+    for key, d in res.get("idle", {}).items():
+        if "rss_mib" not in d:
+            out.append(_target(f"{d.get('connections', '?')} idle connections ({key})", False,
+                               d.get("error", "failed"), f"≤ {IDLE_RSS_MIB} MiB"))  # fmt: skip
+            continue
+        ok = (d["rss_mib"] <= IDLE_RSS_MIB and d["probe_status"] == 200
+              and d["answered_200"] == d["connections"])  # fmt: skip
+        out.append(_target(
+            f"{d['connections']:,} idle keep-alive connections on one gateway process "
+            f"({key} sessions), still answering",
+            ok,
+            f"{d['rss_mib']:.0f} MiB RSS, {d['answered_200']:,} answered 200, "
+            f"{d['still_open']:,} still open, new request: {d['probe_status']}",
+            f"≤ {IDLE_RSS_MIB} MiB, 200",
+        ))  # fmt: skip
+    return out
+
+
 def _fmt(v: Any, spec: str = ".2f") -> str:
     if v is None:
         return "—"
@@ -169,24 +236,46 @@ def to_markdown(res: dict[str, Any]) -> str:
         L.append("## Scenarios at max rate (wrk, closed loop)")
         L.append("")
         L.append("| scenario | processes | req/s | vs direct | p50 ms | p95 ms | p99 ms "
-                 "| errors | Redis cmds sent/req | Redis cmds executed/req "
-                 "| peak RSS MiB |")  # fmt: skip
-        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 "| errors | proxy CPU µs/req | backend CPU µs/req | Redis CPU µs/req "
+                 "| Redis cmds sent/req | Redis cmds executed/req | peak RSS MiB "
+                 "| proof |")  # fmt: skip
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for k, name in SCENARIOS.items():
             s = sc.get(k)
             if s is None:
                 continue
             if "skipped" in s:
-                L.append(f"| {k}. {name} | — | skipped: {s['skipped']} ||||||||| ")
+                L.append(f"| {k}. {name} | — | skipped: {s['skipped']} |||||||||||| ")
+                continue
+            if "failed" in s:
+                L.append(f"| {k}. {name} | — | **FAILED, not measured**: {s['failed']} "
+                         "|||||||||||| ")  # fmt: skip
                 continue
             vs = f"{s['rps'] / base * 100:.0f} %" if base else "—"
             L.append(
                 f"| {k}. {name} | {s.get('workers', '')} | {s['rps']:,.0f} | {vs} "
                 f"| {s['p50_ms']:.2f} | {s['p95_ms']:.2f} | {s['p99_ms']:.2f} "
-                f"| {s['error_rate'] * 100:.2f} % | {_fmt(s.get('redis_sent_per_req'))} "
+                f"| {s['error_rate'] * 100:.2f} % | {_fmt(s.get('proxy_cpu_us'), '.0f')} "
+                f"| {_fmt(s.get('backend_cpu_us'), '.0f')} "
+                f"| {_fmt(s.get('redis_cpu_us'), '.1f')} "
+                f"| {_fmt(s.get('redis_sent_per_req'))} "
                 f"| {_fmt(s.get('redis_executed_per_req'))} "
-                f"| {_fmt(s.get('peak_rss_mib'), '.1f')} |"
+                f"| {_fmt(s.get('peak_rss_mib'), '.1f')} "
+                f"| {_proof_cell(s.get('proof'))} |"
             )
+        L.append("")
+        rr = [f"{k} {' / '.join(f'{x:,.0f}' for x in s['rounds_rps'])}"
+              for k, s in sc.items() if len(s.get("rounds_rps", [])) > 1]
+        if rr:
+            L.append("Rounds (req/s of each, alternated over the scenarios; the row is the "
+                     "median round): " + "; ".join(rr) + ".")  # fmt: skip
+            L.append("")
+        L.append("CPU µs/request = utime+stime from /proc/<pid>/stat over the measured run "
+                 "(Redis: until its write-behind traffic went quiet) ÷ requests completed; "
+                 "proxy = the whole process tree (nginx master + workers, gateway supervisor "
+                 "+ workers); in row a the backend is the server measured. proof = "
+                 "bench/proof.py before the run: the backend saw the cookie's user id, "
+                 "page_views went up in Redis, a forged X-Session-User-Id was stripped.")
         L.append("")
         L.extend(_redis_md(sc))
     fx = res.get("fixed_rate", {})
@@ -214,9 +303,19 @@ def to_markdown(res: dict[str, Any]) -> str:
                      f"| {f['errors']} | {f['late']} | {added} "
                      f"| {_fmt(ol.get('p50_ms'))} / {_fmt(ol.get('p99_ms'))} |")  # fmt: skip
         L.append("")
+    tg16 = res.get("targets16", [])
+    if tg16:
+        L.append("## Targets (issue 16)")
+        L.append("")
+        L.append("| target | result | measured | goal |")
+        L.append("|---|---|---:|---:|")
+        for t in tg16:
+            L.append(f"| {t['target']} | **{t['result']}** | {t['measured']} | {t['goal']} |")
+        L.append("")
+    L.extend(_idle_md(res))
     tg = res.get("targets", [])
     if tg:
-        L.append("## Targets")
+        L.append("## Earlier targets (case study)")
         L.append("")
         L.append("| target | result | measured | goal |")
         L.append("|---|---|---:|---:|")
@@ -247,6 +346,36 @@ def to_markdown(res: dict[str, Any]) -> str:
         L.append("")
     L.extend(_case_study_md(res))
     return "\n".join(L) + "\n"
+
+
+def _proof_cell(p: Any) -> str:
+    if not p:
+        return "—"
+    return "passed" if p.get("passed") else "**FAILED**"
+
+
+def _idle_md(res: dict[str, Any]) -> list[str]:
+    idle = res.get("idle")
+    if not idle:
+        return []
+    L = ["## Idle keep-alive connections (one gateway process, e's)", ""]
+    L.append("Each connection makes one session request (keep-alive) and stays open; with "
+             "all open, the gateway's RSS is read and a new connection sends a session "
+             "request. Sources spread over 127.0.0.2… (200 each) so the per-address cap "
+             "stays in force; `limits.max_connections` is set above the count.")
+    L.append("")
+    L.append("| sessions | connections | answered 200 | still open | opened in s "
+             "| RSS before MiB | RSS with them open MiB | new request |")  # fmt: skip
+    L.append("|---|---:|---:|---:|---:|---:|---:|---|")
+    for key, d in idle.items():
+        if "rss_mib" not in d:
+            L.append(f"| {key} | failed: {d.get('error', '?')} |||||||")
+            continue
+        L.append(f"| {key} ({d['distinct_sessions']:,} distinct) | {d['connections']:,} "
+                 f"| {d['answered_200']:,} | {d['still_open']:,} | {d['open_s']} "
+                 f"| {d['rss_before_mib']} | {d['rss_mib']} | {d['probe_status']} |")
+    L.append("")
+    return L
 
 
 def _redis_md(sc: dict[str, Any]) -> list[str]:
@@ -453,7 +582,7 @@ def write_chart(res: dict[str, Any], path: Path) -> None:
 
     sc = {k: v for k, v in res.get("scenarios", {}).items() if "rps" in v}
     fx = {k: v for k, v in res.get("fixed_rate", {}).items() if "p99_ms" in v}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(18, 5.5))
     keys = [k for k in SCENARIOS if k in sc]
     labels = [_label(k) for k in keys]
     ax = axes[0]
@@ -461,7 +590,7 @@ def write_chart(res: dict[str, Any], path: Path) -> None:
     ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_title("max throughput (wrk)")
     ax.set_ylabel("requests/s")
-    ax.tick_params(axis="x", labelsize=7)
+    ax.tick_params(axis="x", labelsize=6)
     ax = axes[1]
     fkeys = [k for k in SCENARIOS if k in fx]
     width = 0.38

@@ -69,11 +69,14 @@ async def seed_sessions(redis_url: str, n: int, ttl: int = 3600) -> list[str]:
     r = aioredis.Redis.from_url(redis_url)
     tokens = [secrets.token_urlsafe(32) for _ in range(n)]
     try:
-        pipe = r.pipeline(transaction=False)
-        for i, tok in enumerate(tokens):
-            pipe.hset(session_key(tok), mapping=session_fields(i))
-            pipe.expire(session_key(tok), ttl)
-        await pipe.execute()
+        # Pipelines of 2,000 sessions: 100,000 in one would hold every reply in memory.
+        for start in range(0, n, 2000):
+            pipe = r.pipeline(transaction=False)
+            for i in range(start, min(n, start + 2000)):
+                key = session_key(tokens[i])
+                pipe.hset(key, mapping=session_fields(i))
+                pipe.expire(key, ttl)
+            await pipe.execute()
     finally:
         await r.aclose()
     return [f"sid={t}" for t in tokens]
