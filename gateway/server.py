@@ -392,15 +392,7 @@ class GuardedHandler(web.RequestHandler):
 
     def refuse_connection(self, answer: bytes, reason: str, detail: str) -> None:
         """Refuse a connection as it is made (nothing has been read from it yet)."""
-        CLIENT_REFUSALS.labels(reason).inc()
-        if _REFUSALS.allow():
-            more = _REFUSALS.take_suppressed()
-            log.info(
-                "client %s: %s; connection closed%s",
-                _peer(self.peername),
-                detail,
-                f" ({more} more refused connections not logged)" if more else "",
-            )
+        self._count_refusal(reason, detail)
         transport = self.transport
         if transport is None:
             return
@@ -410,7 +402,7 @@ class GuardedHandler(web.RequestHandler):
             transport.write_eof()
         self._linger = self._gloop.call_later(LINGER, self.force_close)
 
-    def _refuse(self, answer: bytes, reason: str, detail: str, abort: bool = False) -> None:
+    def _count_refusal(self, reason: str, detail: str) -> None:
         CLIENT_REFUSALS.labels(reason).inc()
         # A flood of refused connections must not flood the log: a few lines per
         # period, then a count (the metric has every one).
@@ -422,6 +414,9 @@ class GuardedHandler(web.RequestHandler):
                 detail,
                 f" ({more} more refused connections not logged)" if more else "",
             )
+
+    def _refuse(self, answer: bytes, reason: str, detail: str, abort: bool = False) -> None:
+        self._count_refusal(reason, detail)
         self._end_head()
         self._body = self._held = None
         self._framing = 0

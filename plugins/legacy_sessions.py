@@ -40,6 +40,7 @@ from gateway.errors import REDIS_FAILURES
 from gateway.headers import parse_cookie_values
 from gateway.plugin import Plugin, RequestContext, ResponseHead, Services
 from gateway.sessions import Session
+from gateway.sessions.cookies import cookie_attributes, expired_cookie
 
 from .legacy import stats
 from .legacy.config import LegacySessionsConfig
@@ -99,17 +100,8 @@ class LegacySessions(Plugin):
         c = config.cookie
         self._pattern = re.compile(c.pattern)
         self._gateway_cookie = services.settings.session.cookie.name
-        attrs = [f"Path={c.path}"]
-        if c.domain:
-            attrs.append(f"Domain={c.domain}")
-        if c.http_only:
-            attrs.append("HttpOnly")
-        if c.secure:
-            attrs.append("Secure")
-        attrs.append(f"SameSite={c.same_site}")
-        self._cookie_tail = "; ".join(attrs)
-        self._expired = f"{c.name}=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; "
-        self._expired += self._cookie_tail
+        self._cookie_tail = cookie_attributes(c.path, c.domain, c.http_only, c.secure, c.same_site)
+        self._expired = expired_cookie(c.name, self._cookie_tail)
         self._session_ttl = services.settings.session.absolute_ttl
         self._tasks: list[asyncio.Task[None]] = []
         self.db: LegacyDatabase | None = None
