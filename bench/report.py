@@ -303,25 +303,9 @@ def to_markdown(res: dict[str, Any]) -> str:
                      f"| {f['errors']} | {f['late']} | {added} "
                      f"| {_fmt(ol.get('p50_ms'))} / {_fmt(ol.get('p99_ms'))} |")  # fmt: skip
         L.append("")
-    tg16 = res.get("targets16", [])
-    if tg16:
-        L.append("## Targets (issue 16)")
-        L.append("")
-        L.append("| target | result | measured | goal |")
-        L.append("|---|---|---:|---:|")
-        for t in tg16:
-            L.append(f"| {t['target']} | **{t['result']}** | {t['measured']} | {t['goal']} |")
-        L.append("")
+    L.extend(_targets_md("Targets (issue 16)", res.get("targets16", [])))
     L.extend(_idle_md(res))
-    tg = res.get("targets", [])
-    if tg:
-        L.append("## Earlier targets (case study)")
-        L.append("")
-        L.append("| target | result | measured | goal |")
-        L.append("|---|---|---:|---:|")
-        for t in tg:
-            L.append(f"| {t['target']} | **{t['result']}** | {t['measured']} | {t['goal']} |")
-        L.append("")
+    L.extend(_targets_md("Earlier targets (case study)", res.get("targets", [])))
     L.extend(_load_md(res))
     mem = res.get("memory")
     if mem:
@@ -352,6 +336,16 @@ def _proof_cell(p: Any) -> str:
     if not p:
         return "—"
     return "passed" if p.get("passed") else "**FAILED**"
+
+
+def _targets_md(title: str, targets: list[dict[str, Any]]) -> list[str]:
+    if not targets:
+        return []
+    L = [f"## {title}", "", "| target | result | measured | goal |", "|---|---|---:|---:|"]
+    for t in targets:
+        L.append(f"| {t['target']} | **{t['result']}** | {t['measured']} | {t['goal']} |")
+    L.append("")
+    return L
 
 
 def _idle_md(res: dict[str, Any]) -> list[str]:
