@@ -14,7 +14,8 @@ every upstream server. ``--comprehensive`` adds Redis latency over many round tr
 against the case study's 5 ms target, evictions and refused connections, client slots,
 the age of the last save, a sample of session keys (TTLs) and user indexes (size), and
 the running gateway's own ``/readyz`` and ``/metrics`` (error rate, p95) when
-``admin.listen`` answers here. Sentinel quorum joins once Sentinel support lands.
+``admin.listen`` answers here. Under redis.sentinel the checks run on the master the
+Sentinels name; the quorum itself is not checked.
 """
 
 from __future__ import annotations
@@ -30,13 +31,12 @@ from typing import Any, Literal
 import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
-from redis.asyncio import Redis
 
 from .config import ConfigError, Settings, split_host_port
 from .configcheck import load_checked
 from .errors import REDIS_FAILURES
 from .readiness import probe_upstreams, redis_write
-from .redis import Keys, RedisClient, make_client
+from .redis import Keys, RedisClient, close_client, make_client
 
 Status = Literal["ok", "warn", "fail"]
 SEVERITY: dict[Status, int] = {"ok": 0, "warn": 1, "fail": 2}
@@ -461,7 +461,9 @@ async def _gateway(settings: Settings) -> list[Check]:
 
 async def run_checks(settings: Settings, comprehensive: bool) -> list[Check]:
     checks: list[Check] = []
-    if settings.redis.url == "embedded":
+    # Under redis.sentinel or redis.cluster, redis.url keeps its default ("embedded"):
+    # only the url topology can be the embedded server.
+    if settings.redis.topology == "url" and settings.redis.url == "embedded":
         checks.append(
             Check(
                 "redis",
@@ -487,10 +489,7 @@ async def run_checks(settings: Settings, comprehensive: bool) -> list[Check]:
                     checks += await _guard("sessions", rc.sessions)
                     checks += await _guard("user indexes", rc.user_indexes)
         finally:
-            if isinstance(client, Redis):
-                await client.aclose(close_connection_pool=True)
-            else:
-                await client.aclose()
+            await close_client(client)
     checks += await _upstreams(settings)
     if comprehensive:
         checks += await _gateway(settings)

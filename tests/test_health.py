@@ -16,7 +16,10 @@ import pytest
 import redis
 import yaml
 
+from bench.topology import SentinelTopology
+
 from .conftest import ROOT, RedisServer, Upstream, base_config, free_port, start_backend
+from .topologies import topology_config
 
 
 def run_health(cfg: dict[str, Any] | Path, tmp: Path, *flags: str) -> tuple[int, str]:
@@ -221,3 +224,15 @@ def test_comprehensive_asks_the_running_gateway(
         await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+def test_a_sentinel_topology_is_checked_on_its_master(
+    sentinel: SentinelTopology, upstream: Upstream, tmp_path: Path
+) -> None:
+    """redis.url keeps its default ("embedded") beside redis.sentinel: the checks must
+    still run, against the master the Sentinels name."""
+    _, out = run_health(topology_config({"sentinel": sentinel.config()}, upstream.url), tmp_path)
+    found = lines(out)
+    assert found["redis"][0] == "ok", out
+    assert found["redis write"][0] == "ok", out
+    assert "embedded" not in out, out

@@ -2,7 +2,14 @@
 the near-cache's tracking link (tracking.py), batched session reads (batching.py) and
 the embedded server (embedded.py)."""
 
-from .client import RedisClient, RedisLayer, make_client, open_redis, start_embedded
+from .client import (
+    RedisClient,
+    RedisLayer,
+    close_client,
+    make_client,
+    open_redis,
+    start_embedded,
+)
 from .keys import Keys, public_id
 from .scripts import BoundScript, Script
 
@@ -12,6 +19,7 @@ __all__ = [
     "RedisClient",
     "RedisLayer",
     "Script",
+    "close_client",
     "make_client",
     "open_redis",
     "public_id",

@@ -119,6 +119,15 @@ def make_client(
     return Redis(connection_pool=pool)
 
 
+async def close_client(client: RedisClient) -> None:
+    """Close a client from make_client and its connections (a single-node client's pool
+    is closed only when asked)."""
+    if isinstance(client, Redis):
+        await client.aclose(close_connection_pool=True)
+    else:
+        await client.aclose()
+
+
 def _sentinels(settings: RedisSettings, tls: dict[str, Any]) -> Sentinels:
     assert settings.sentinel is not None
     return sentinels(
@@ -228,10 +237,7 @@ class RedisLayer:
         await self.writes.close()
         if self.watch is not None:
             await self.watch.stop()
-        if isinstance(self.client, Redis):
-            await self.client.aclose(close_connection_pool=True)
-        else:
-            await self.client.aclose()
+        await close_client(self.client)
         if self._embedded is not None:
             await self._embedded.stop()
 
