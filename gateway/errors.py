@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -18,6 +18,9 @@ T = TypeVar("T")
 # A connection refused or reset surfaces as OSError, a slow server as TimeoutError
 # (from asyncio.timeout or the socket); everything else redis-py raises is a RedisError.
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
+
+
+_SECONDS: dict[str, Any] = {}
 
 
 class RedisUnavailable(Exception):
@@ -39,4 +42,8 @@ async def bounded(op: str, aw: Awaitable[T], limit: float | None) -> T:
         log.warning("redis %s failed: %s: %s", op, type(e).__name__, e)
         raise RedisUnavailable(op) from e
     finally:
-        metrics.REDIS_SECONDS.labels(op).observe(time.perf_counter() - started)
+        seconds = _SECONDS.get(op)
+        if seconds is None:
+            # labels() hashes and locks on every call; the operations are few and fixed.
+            seconds = _SECONDS[op] = metrics.REDIS_SECONDS.labels(op)
+        seconds.observe(time.perf_counter() - started)

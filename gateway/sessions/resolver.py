@@ -96,6 +96,12 @@ class SessionResolver:
         if hit and not prefetchers:
             return session
         commands, spans = self.chain.prefetch(ctx, key_id) if prefetchers else ((), [])
+        if hit and not commands:
+            # Nor when the route's prefetchers have nothing to read this time (a plugin
+            # whose reads are switched off by its options).
+            if session is not None and spans:
+                self.chain.take_prefetched(ctx, spans, [])
+            return session
         if not hit:
             # Within redis.timeout: the batched read enforces it.
             session, results = await bounded(
