@@ -11,7 +11,8 @@ of its time; the gauges change when a pass completes, then the next one waits fo
 (``MAX_FAMILIES``, the rest count as ``other``), so no key layout can grow the number of
 series without end.
 
-With Redis Cluster a SCAN sees one node: a pass must then walk every primary.
+With Redis Cluster a pass walks every primary (a SCAN sees one node), and memory and
+evictions are the primaries' summed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import logging
 import time
 from collections.abc import Awaitable
 from typing import Any
+
+from redis.asyncio import RedisCluster
 
 from . import metrics
 from .errors import REDIS_FAILURES
@@ -89,29 +92,32 @@ class PopulationSampler:
     async def sample(self) -> dict[str, int]:
         """One pass: the memory and evictions, then the keys by family; the gauges are
         set and the counts returned."""
-        memory = await self._call(self.redis.info("memory"))
+        memory = await self._info("memory")
         metrics.REDIS_MEMORY.labels("used").set(float(memory.get("used_memory", 0)))
         metrics.REDIS_MEMORY.labels("max").set(float(memory.get("maxmemory", 0)))
-        stats = await self._call(self.redis.info("stats"))
+        stats = await self._info("stats")
         metrics.REDIS_EVICTED.set(float(stats.get("evicted_keys", 0)))
         started = time.monotonic()
         counts: dict[str, int] = {}
-        cursor: Any = 0
         match = f"{_glob_escape(self.prefix)}*"
         known = set(self._seen)
-        while True:
-            cursor, batch = await self._call(self.redis.scan(cursor, match=match, count=SCAN_COUNT))
-            for key in batch:
-                name = family(key, self.prefix)
-                if name not in known:
-                    if len(known) >= MAX_FAMILIES:
-                        name = "other"
-                    else:
-                        known.add(name)
-                counts[name] = counts.get(name, 0) + 1
-            if int(cursor) == 0 or self._stopping:
-                break
-            await asyncio.sleep(PAUSE)
+        # One node, or every primary of a cluster in turn (a SCAN cursor is a node's).
+        nodes = self.redis.get_primaries() if isinstance(self.redis, RedisCluster) else [None]
+        for node in nodes:
+            cursor = 0
+            while True:
+                cursor, batch = await self._scan(cursor, match, node)
+                for key in batch:
+                    name = family(key, self.prefix)
+                    if name not in known:
+                        if len(known) >= MAX_FAMILIES:
+                            name = "other"
+                        else:
+                            known.add(name)
+                    counts[name] = counts.get(name, 0) + 1
+                if cursor == 0 or self._stopping:
+                    break
+                await asyncio.sleep(PAUSE)
         # Families that had keys and have none now go to 0 rather than keep their count.
         for name in self._seen - counts.keys():
             metrics.REDIS_KEYS.labels(name).set(0)
@@ -121,6 +127,31 @@ class PopulationSampler:
         metrics.REDIS_SCAN_SECONDS.set(time.monotonic() - started)
         self.passes += 1
         return counts
+
+    async def _scan(self, cursor: int, match: str, node: Any) -> tuple[int, list[str]]:
+        if node is None:
+            cur, batch = await self._call(self.redis.scan(cursor, match=match, count=SCAN_COUNT))
+            return int(cur), batch
+        # A cluster client answers ({node name: cursor}, keys) even for one node.
+        cursors, batch = await self._call(
+            self.redis.scan(cursor, match=match, count=SCAN_COUNT, target_nodes=node)
+        )
+        return int(next(iter(cursors.values()))), batch
+
+    async def _info(self, section: str) -> dict[str, Any]:
+        """INFO ``section``; for a cluster, its primaries' numbers summed."""
+        if not isinstance(self.redis, RedisCluster):
+            info: dict[str, Any] = await self._call(self.redis.info(section))
+            return info
+        per_node = await self._call(
+            self.redis.info(section, target_nodes=RedisCluster.PRIMARIES)
+        )
+        total: dict[str, Any] = {}
+        for one in per_node.values():
+            for k, v in one.items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    total[k] = total.get(k, 0) + v
+        return total
 
 
 def _glob_escape(text: str) -> str:

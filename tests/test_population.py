@@ -9,6 +9,7 @@ import time
 import redis
 from prometheus_client import REGISTRY
 
+from bench.topology import ClusterTopology
 from gateway.config import RedisSettings
 from gateway.population import MAX_FAMILIES, PopulationSampler, family
 from gateway.redis import Keys, make_client
@@ -116,3 +117,23 @@ async def test_stop_during_a_pass_returns(redis_server: RedisServer, rdb: redis.
             assert time.monotonic() - started < 1.0
     finally:
         await client.aclose()
+
+
+async def test_a_cluster_is_counted_on_every_primary(cluster: ClusterTopology) -> None:
+    """A SCAN cursor belongs to one node: the pass walks each primary, and the keys of
+    every slot are counted (a cluster client's scan() answers per node)."""
+    rc = cluster.client()
+    try:
+        for i in range(300):
+            rc.hset(f"gwc:session:{{{i}}}", "user_id", "1")
+    finally:
+        rc.close()
+    settings = RedisSettings.model_validate({"cluster": cluster.config()})
+    client = make_client("", settings)
+    sampler = PopulationSampler(client, Keys("gwc:"), interval=30, timeout=2)
+    try:
+        counts = await sampler.sample()
+    finally:
+        await client.aclose()
+    assert counts == {"session": 300}
+    assert (REGISTRY.get_sample_value("gateway_redis_memory_bytes", {"kind": "used"}) or 0) > 0
