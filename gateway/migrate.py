@@ -19,6 +19,7 @@ from .chain import build_chain
 from .config import ConfigError, Settings, load_settings
 from .plugin import Services
 from .redis import Keys, RedisLayer
+from .redis.embedded import socket_path
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -32,9 +33,15 @@ def _args(argv: list[str]) -> argparse.Namespace:
 def redis_url(settings: Settings) -> str:
     """The server the gateway uses; for ``embedded``, its socket in ``redis.data_dir``
     (reachable by the same user while the gateway runs)."""
-    if settings.redis.url != "embedded":
-        return settings.redis.url
-    return "unix://" + str(Path(settings.redis.data_dir).resolve() / "redis.sock")
+    if settings.redis.topology != "url" or settings.redis.url != "embedded":
+        return settings.redis.url  # unused under redis.sentinel or redis.cluster
+    sock = socket_path(Path(settings.redis.data_dir))
+    if sock is None:
+        raise ConfigError(
+            "redis.data_dir: the path is too long for a Unix socket, so the embedded Redis "
+            "listens on a private port this command cannot know; use a shorter data_dir"
+        )
+    return "unix://" + str(sock)
 
 
 async def status(settings: Settings) -> list[tuple[str, list[tuple[str, str]]]]:

@@ -31,6 +31,13 @@ _MAX_UNIX_PATH = 100
 _LOG_TAIL_LINES = 20
 
 
+def socket_path(data_dir: Path) -> Path | None:
+    """Where the embedded server listens in ``data_dir``; None when that path is too long
+    for a Unix socket (the server then listens on a loopback port with a password)."""
+    sock = data_dir.resolve() / "redis.sock"
+    return sock if len(os.fsencode(sock)) <= _MAX_UNIX_PATH else None
+
+
 class EmbeddedRedisError(RuntimeError):
     """The embedded Redis could not be started (or is in a state we refuse to use)."""
 
@@ -83,8 +90,8 @@ class EmbeddedRedis:
         self.data_dir = self.data_dir.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-        sock = self.data_dir / "redis.sock"
-        if len(os.fsencode(sock)) <= _MAX_UNIX_PATH:
+        sock = socket_path(self.data_dir)
+        if sock is not None:
             self._socket, self._port, self._password = sock, None, None
             if await self._ping(1.0):
                 # Two servers appending to one AOF would corrupt it: refuse, loudly.
