@@ -19,7 +19,7 @@ from aiohttp import web
 from . import logs
 from .admin import build_admin_app
 from .app import RUNTIME, build_app, server_kwargs
-from .config import MAX_WORKERS, ConfigError, Settings, auto_workers, split_host_port
+from .config import MAX_WORKERS, ConfigError, Settings, parse_workers, split_host_port
 from .configcheck import load_checked
 from .errors import REDIS_FAILURES
 from .reload import ConfigSource, Reloader
@@ -34,13 +34,11 @@ GC_THRESHOLD = 20_000
 
 
 def _workers_arg(value: str) -> int:
-    if value == "auto":
-        return auto_workers()
     try:
-        n = int(value)
+        n = parse_workers(value if value == "auto" else int(value))
     except ValueError:
         n = 0
-    if not 1 <= n <= MAX_WORKERS:
+    if not isinstance(n, int) or not 1 <= n <= MAX_WORKERS:
         raise argparse.ArgumentTypeError(f"a number from 1 to {MAX_WORKERS} or 'auto'")
     return n
 

@@ -512,6 +512,16 @@ class AdminSettings(_Frozen):
 MAX_WORKERS = 64
 
 
+def parse_workers(value: Any) -> Any:
+    """``workers`` as written (config or --workers): "auto" becomes auto_workers(); any
+    other text is refused; numbers are left to the field's bounds."""
+    if value == "auto":
+        return auto_workers()
+    if isinstance(value, str) or isinstance(value, bool):
+        raise ValueError(f"must be a number from 1 to {MAX_WORKERS} or 'auto'")
+    return value
+
+
 def auto_workers() -> int:
     """``workers: auto``: the CPUs this process may run on, at most MAX_WORKERS."""
     try:
@@ -552,11 +562,7 @@ class Settings(_Frozen):
     @field_validator("workers", mode="before")
     @classmethod
     def _workers(cls, v: Any) -> Any:
-        if v == "auto":
-            return auto_workers()
-        if isinstance(v, str) or isinstance(v, bool):
-            raise ValueError(f"must be a number from 1 to {MAX_WORKERS} or 'auto'")
-        return v
+        return parse_workers(v)
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -29,6 +29,7 @@ from . import metrics
 from .errors import REDIS_FAILURES
 from .logs import Throttle
 from .redis import Keys, RedisClient
+from .redis.keys import glob_escape
 
 log = logging.getLogger("gateway.metrics")
 
@@ -99,7 +100,7 @@ class PopulationSampler:
         metrics.REDIS_EVICTED.set(float(stats.get("evicted_keys", 0)))
         started = time.monotonic()
         counts: dict[str, int] = {}
-        match = f"{_glob_escape(self.prefix)}*"
+        match = f"{glob_escape(self.prefix)}*"
         known = set(self._seen)
         # One node, or every primary of a cluster in turn (a SCAN cursor is a node's).
         nodes = self.redis.get_primaries() if isinstance(self.redis, RedisCluster) else [None]
@@ -152,8 +153,3 @@ class PopulationSampler:
                 if isinstance(v, int | float) and not isinstance(v, bool):
                     total[k] = total.get(k, 0) + v
         return total
-
-
-def _glob_escape(text: str) -> str:
-    """``text`` matched literally by SCAN's glob pattern."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -58,7 +58,6 @@ class Supervisor:
         self.metrics = metrics
         self.children: dict[int, asyncio.subprocess.Process] = {}
         self.stopping = asyncio.Event()
-        self.restarts = 0
 
     async def _spawn(self, index: int) -> asyncio.subprocess.Process:
         env = {**os.environ, **self.metrics.env()}
@@ -111,7 +110,6 @@ class Supervisor:
             if self.stopping.is_set():
                 return code
             backoff = min(backoff * 2, BACKOFF_MAX)
-            self.restarts += 1
 
     def forward(self, sig: signal.Signals) -> None:
         """Pass ``sig`` to every running worker; SIGTERM and SIGINT also stop the

@@ -18,7 +18,7 @@ from typing import Any
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
-from ..config import ClusterSettings, RedisSettings
+from ..config import ClusterSettings, RedisSettings, split_host_port
 
 __all__ = ["RedisCluster", "cluster_client", "slot_of"]
 
@@ -31,10 +31,7 @@ def slot_of(key: str) -> int:
 def cluster_client(
     cluster: ClusterSettings, settings: RedisSettings, tls: dict[str, Any]
 ) -> RedisCluster:
-    nodes = []
-    for n in cluster.nodes:
-        host, _, port = n.rpartition(":")
-        nodes.append(ClusterNode(host.strip("[]"), int(port)))
+    nodes = [ClusterNode(*split_host_port(n)) for n in cluster.nodes]
     kwargs: dict[str, Any] = {}
     if cluster.password is not None:
         kwargs["password"] = cluster.password.get_secret_value()

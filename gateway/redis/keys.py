@@ -23,6 +23,11 @@ def public_id(token: str) -> str:
     return hashlib.sha256(token.encode("ascii")).hexdigest()
 
 
+def glob_escape(text: str) -> str:
+    """``text`` matched literally by a SCAN/KEYS glob pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 def hash_tag(key: str) -> str:
     """A tag that puts another key in ``key``'s cluster slot: ``key``'s own hash tag
     (the first ``{...}``, not empty), else the whole key in braces (Redis hashes a tag's

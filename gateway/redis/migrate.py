@@ -29,10 +29,10 @@ from collections.abc import Iterator
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 
-from ..config import ConfigError, Settings, load_settings
+from ..config import ConfigError, Settings, load_settings, split_host_port
 from ..sessions.model import TOKEN_RE
 from .client import tls_options
-from .keys import Keys
+from .keys import Keys, glob_escape
 
 SESSION_KINDS = ("session", "cart", "viewed")
 USER_KINDS = ("user_sessions", "user_sessions_ending", "user_cart")
@@ -90,7 +90,7 @@ class Renamer:
 
 def _scan(source: redis.Redis, prefix: str) -> Iterator[list[str]]:
     batch: list[str] = []
-    for k in source.scan_iter(match=f"{_glob_escape(prefix)}*", count=1000):
+    for k in source.scan_iter(match=f"{glob_escape(prefix)}*", count=1000):
         batch.append(k.decode() if isinstance(k, bytes) else str(k))
         if len(batch) >= BATCH:
             yield batch
@@ -99,8 +99,6 @@ def _scan(source: redis.Redis, prefix: str) -> Iterator[list[str]]:
         yield batch
 
 
-def _glob_escape(s: str) -> str:
-    return re.sub(r"([*?\[\]\\])", r"\\\1", s)
 
 
 def copy(
@@ -163,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     source = redis.Redis.from_url(args.source, socket_timeout=10)
     nodes = [
-        ClusterNode(n.rpartition(":")[0], int(n.rpartition(":")[2]))  # type: ignore[no-untyped-call]
+        ClusterNode(*split_host_port(n))  # type: ignore[no-untyped-call]
         for n in cluster.nodes
     ]
     tls = tls_options(settings.redis.tls)

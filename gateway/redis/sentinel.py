@@ -47,7 +47,7 @@ from redis.asyncio.sentinel import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from ..config import SentinelSettings
+from ..config import SentinelSettings, split_host_port
 
 log = logging.getLogger("gateway.redis")
 
@@ -234,10 +234,7 @@ class MasterWatch:
 def sentinels(settings: SentinelSettings, timeout: float, connect_timeout: float,
               tls: dict[str, Any]) -> Sentinels:
     """The Sentinel manager for ``redis.sentinel`` (the Sentinels' own credentials)."""
-    nodes = []
-    for n in settings.nodes:
-        host, _, port = n.rpartition(":")
-        nodes.append((host.strip("[]"), int(port)))
+    nodes = [split_host_port(n) for n in settings.nodes]
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": connect_timeout,
