@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -171,7 +172,7 @@ class Cart(Plugin):
         # Session key id -> user id. A session's user never changes (a login always makes
         # a new session), so an entry is never wrong, only gone: it lets prefetch read a
         # signed-in session's cart (named by the user) with the session lookup.
-        self._owner: dict[str, str] = {}
+        self._owner: OrderedDict[str, str] = OrderedDict()
 
     async def startup(self) -> None:
         self._apply = self.services.script(APPLY)
@@ -195,6 +196,8 @@ class Cart(Plugin):
 
     def _remember(self, key_id: str, user_id: str) -> None:
         if key_id in self._owner:
+            # Least recently used goes first: a busy session keeps its memo.
+            self._owner.move_to_end(key_id)
             return
         if len(self._owner) >= OWNER_MEMO:
             self._owner.pop(next(iter(self._owner)))
