@@ -144,7 +144,10 @@ def test_example_config_is_valid() -> None:
     assert s.routes
 
 
-def test_workers_auto_is_one_per_cpu_the_process_may_use() -> None:
+def test_workers_auto_is_one_per_cpu_the_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = minimal()
     cfg["workers"] = "auto"
-    assert parse_settings(cfg).workers == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5})
+    assert parse_settings(cfg).workers == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(100)))
+    assert parse_settings(cfg).workers == 64  # at most MAX_WORKERS
