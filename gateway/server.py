@@ -393,14 +393,8 @@ class GuardedHandler(web.RequestHandler):
     def refuse_connection(self, answer: bytes, reason: str, detail: str) -> None:
         """Refuse a connection as it is made (nothing has been read from it yet)."""
         self._count_refusal(reason, detail)
-        transport = self.transport
-        if transport is None:
-            return
-        transport.write(answer)
-        self.close()
-        if transport.can_write_eof():
-            transport.write_eof()
-        self._linger = self._gloop.call_later(LINGER, self.force_close)
+        if self.transport is not None:
+            self._answer_and_linger(self.transport, answer)
 
     def _count_refusal(self, reason: str, detail: str) -> None:
         CLIENT_REFUSALS.labels(reason).inc()
@@ -432,6 +426,11 @@ class GuardedHandler(web.RequestHandler):
             # dropped, and so is what still arrives.
             self.close()
             return
+        self._answer_and_linger(transport, answer)
+
+    def _answer_and_linger(self, transport: asyncio.Transport, answer: bytes) -> None:
+        """Write the canned answer, half-close, and keep reading (and dropping) for LINGER
+        seconds so the kernel does not reset the connection under the answer."""
         transport.write(answer)
         self.close()  # no further requests; aiohttp drops what still arrives
         if transport.can_write_eof():
