@@ -151,6 +151,55 @@ async def test_interim_1xx_answers_are_skipped(
     assert await resp.text() == "done"
 
 
+@pytest.mark.security
+async def test_one_kept_alive_connection_frames_every_answer_after_another(
+    make_gateway: GatewayFactory, redis_server: RedisServer, raw_backend: RawBackend
+) -> None:
+    """The pool keeps a connection's response parser from one exchange to the next
+    (upstream_client.Connection) and makes a new one only when HEAD comes or goes. Every
+    answer on the one connection must still be framed as its own: a HEAD answer's
+    Content-Length read as a body would swallow the next answer (a response desync), a
+    GET read with HEAD's parser would lose its body."""
+    connections = 0
+    answers = {
+        b"GET /static/chunked ": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n",
+        b"HEAD /static/head ": b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-Head: 1\r\n\r\n",
+        b"GET /static/length ": b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nlength",
+        b"GET /static/interim ": b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ninterim",
+        b"GET /static/empty ": b"HTTP/1.1 204 No Content\r\n\r\n",
+    }
+
+    async def h(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await _read_head(reader)
+                writer.write(next(a for k, a in answers.items() if head.startswith(k)))
+                await writer.drain()
+
+    url = await raw_backend(h)
+    client = await make_gateway(base_config(redis_server.url, url))
+    expected = [
+        ("GET", "/static/chunked", 200, b"hello"),
+        ("HEAD", "/static/head", 200, b""),
+        ("HEAD", "/static/head", 200, b""),
+        ("GET", "/static/length", 200, b"length"),
+        ("GET", "/static/interim", 200, b"interim"),
+        ("HEAD", "/static/head", 200, b""),
+        ("GET", "/static/empty", 204, b""),
+        ("GET", "/static/chunked", 200, b"hello"),
+    ]
+    for method, path, status, body in expected:
+        resp = await client.request(method, path)
+        assert (resp.status, await resp.read()) == (status, body), (method, path)
+        if method == "HEAD":
+            assert resp.headers["X-Head"] == "1" and resp.headers["Content-Length"] == "11"
+    assert connections == 1, f"{connections} upstream connections for {len(expected)} requests"
+
+
 async def test_body_until_close_and_chunked_answers(
     make_gateway: GatewayFactory, redis_server: RedisServer, raw_backend: RawBackend
 ) -> None:
