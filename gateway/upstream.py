@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterable, Callable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator, Sequence
 
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
@@ -23,6 +23,7 @@ from .config import UpstreamSettings
 from .upstream_client import IDEMPOTENT, ConnectFailed, Pool, StreamsFull, UpstreamResponse
 
 log = logging.getLogger("gateway.upstream")
+_ONLY = (0,)
 
 
 class UpstreamFailure(Exception):
@@ -44,16 +45,18 @@ class Upstream:
             s: Pool(s, settings.max_connections, settings.connect_timeout, settings.read_timeout)
             for s in self.servers
         }
+        # By index on the request path: hashing or comparing yarl URLs per request (the
+        # pools dict, servers.index) showed up in the profile.
+        self._pool_list = [self.pools[s] for s in self.servers]
         self._rr = itertools.cycle(range(len(self.servers)))
         self._ejected_until = [0.0] * len(self.servers)
         self._seconds = metrics.UPSTREAM_SECONDS.labels(name)
 
-    def candidates(self) -> Iterator[URL]:
-        """Every server once, starting at the next in turn, healthy ones first."""
+    def _order(self) -> Sequence[int]:
+        """Every server's index once, starting at the next in turn, healthy ones first."""
         n = len(self.servers)
         if n == 1:  # the common case, on every request: skip the ordering work
-            yield self.servers[0]
-            return
+            return _ONLY
         start = next(self._rr)
         order = [(start + i) % n for i in range(n)]
         now = time.monotonic()
@@ -62,13 +65,20 @@ class Upstream:
             (i for i in order if self._ejected_until[i] > now),
             key=lambda i: self._ejected_until[i],
         )
-        for i in healthy + ejected:
+        return healthy + ejected
+
+    def candidates(self) -> Iterator[URL]:
+        """Every server once, starting at the next in turn, healthy ones first."""
+        for i in self._order():
             yield self.servers[i]
 
     def eject(self, server: URL) -> None:
+        self._eject(self.servers.index(server))
+
+    def _eject(self, i: int) -> None:
         if self.settings.eject_seconds <= 0:
             return
-        i = self.servers.index(server)
+        server = self.servers[i]
         self._ejected_until[i] = time.monotonic() + self.settings.eject_seconds
         metrics.UPSTREAM_EJECTIONS.labels(str(server)).inc()
         log.warning(
@@ -81,11 +91,6 @@ class Upstream:
     def ejected(self, server: URL) -> bool:
         """Whether ``server`` is skipped for now (it refused a connection lately)."""
         return self._ejected_until[self.servers.index(server)] > time.monotonic()
-
-    def restore(self, server: URL) -> None:
-        i = self.servers.index(server)
-        if self._ejected_until[i]:
-            self._ejected_until[i] = 0.0
 
     async def send(
         self,
@@ -101,15 +106,15 @@ class Upstream:
         (``body_started`` says whether it has been read from)."""
         streamed = body is not None and not isinstance(body, bytes)
         last_error = ""
-        for server in self.candidates():
+        for i in self._order():
             started = time.perf_counter()
             try:
-                resp = await self.pools[server].request(method, target, headers, body)
+                resp = await self._pool_list[i].request(method, target, headers, body)
             except ConnectFailed as e:
                 # The connection was refused, so the request never left: the next
                 # server may take it, whatever the method, as long as no byte of a
                 # streamed body has been consumed (a small body is whole in memory).
-                self.eject(server)
+                self._eject(i)
                 metrics.UPSTREAM_ERRORS.labels("connect").inc()
                 last_error = str(e)
                 if not streamed or not body_started():
@@ -135,16 +140,21 @@ class Upstream:
                 last_error = str(e)
                 if method in IDEMPOTENT and not streamed:
                     log.warning(
-                        "upstream %s %s dropped the connection; retrying", self.name, server
+                        "upstream %s %s dropped the connection; retrying",
+                        self.name,
+                        self.servers[i],
                     )
                     continue
                 raise UpstreamFailure(502, "bad gateway: upstream closed the connection") from None
             except (aiohttp.ClientError, HttpProcessingError) as e:
                 metrics.UPSTREAM_ERRORS.labels("protocol").inc()
-                log.warning("upstream %s %s: %s: %s", self.name, server, type(e).__name__, e)
+                log.warning(
+                    "upstream %s %s: %s: %s", self.name, self.servers[i], type(e).__name__, e
+                )
                 raise UpstreamFailure(502, "bad gateway: invalid upstream response") from None
             self._seconds.observe(time.perf_counter() - started)
-            self.restore(server)
+            if self._ejected_until[i]:
+                self._ejected_until[i] = 0.0
             return resp
         log.warning("upstream %s: no server answered (%s)", self.name, last_error)
         raise UpstreamFailure(502, "bad gateway: no upstream server answered")
