@@ -109,7 +109,7 @@ class HeaderDrop:
     ``cf-connecting-*``). ``matches`` takes a name already normalised (lower-case, "_"
     read as "-")."""
 
-    __slots__ = ("keep_names", "keep_prefixes", "names", "prefixes")
+    __slots__ = ("keep_names", "keep_prefixes", "names", "prefixes", "verdicts")
 
     def __init__(self, patterns: Iterable[str], keep: Iterable[str] = ()) -> None:
         kept = set(keep)
@@ -118,6 +118,8 @@ class HeaderDrop:
         self.prefixes = tuple(p[:-1] for p in pats if p.endswith("*"))
         self.keep_names = frozenset(k for k in kept if not k.endswith("*"))
         self.keep_prefixes = tuple(k[:-1] for k in kept if k.endswith("*"))
+        # strip_headers' memo for this rule (it goes with the rule on a reload).
+        self.verdicts: dict[str, str | None] = {}
 
     def matches(self, norm: str) -> bool:
         if norm in self.names:
@@ -161,6 +163,29 @@ def connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set
     return tokens
 
 
+# Verdicts of strip_headers on names it has seen (HeaderDrop.verdicts; this one without a
+# drop rule): the normalized name when the fixed rules let it through, None when they
+# drop it. Every request repeats the same few names, and normalizing and matching each
+# again was ~1 % of a proxied request's CPU. The names come from clients and backends, so
+# a memo stops growing at _VERDICTS_MAX (a name not in it is judged afresh, as before).
+_VERDICTS_MAX = 1024
+_verdicts: dict[str, str | None] = {}
+
+
+def _verdict(memo: dict[str, str | None], name: str, drop: HeaderDrop | None) -> str | None:
+    # Compared with "_" read as "-": CGI-style backends turn X_Real_IP and X-Real-IP into
+    # the same variable.
+    norm = normalized(name)
+    out: str | None = norm
+    if norm in HOP_BY_HOP or norm.startswith(SESSION_PREFIX):
+        out = None
+    elif drop is not None and drop.matches(norm):
+        out = None
+    if len(memo) < _VERDICTS_MAX:
+        memo[name] = out
+    return out
+
+
 def strip_headers(
     headers: CIMultiDictProxy[str] | CIMultiDict[str],
     *,
@@ -168,15 +193,12 @@ def strip_headers(
 ) -> CIMultiDict[str]:
     """A copy without hop-by-hop headers, names listed in Connection, any X-Session-*
     spelling, and what ``drop`` matches."""
-    listed = connection_tokens(headers)
+    listed = connection_tokens(headers) if "Connection" in headers else None
+    memo = _verdicts if drop is None else drop.verdicts
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        # Compared with "_" read as "-": CGI-style backends turn X_Real_IP and
-        # X-Real-IP into the same variable.
-        norm = normalized(name)
-        if norm in HOP_BY_HOP or norm in listed or norm.startswith(SESSION_PREFIX):
-            continue
-        if drop is not None and drop.matches(norm):
+        norm = memo[name] if name in memo else _verdict(memo, name, drop)
+        if norm is None or (listed and norm in listed):
             continue
         out.add(name, value)
     return out

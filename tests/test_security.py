@@ -158,6 +158,35 @@ async def test_spoofed_session_headers_with_session(
     assert SPOOF not in [v for k, v in got.headers if norm(k).startswith("x-session-")]
 
 
+async def test_header_rules_hold_with_their_memo_full_or_warm(
+    gw: TestClient, upstream: Upstream
+) -> None:
+    """strip_headers remembers its verdict per header name, up to a bound (headers.py
+    _VERDICTS_MAX). A name it let through before is still dropped once the request lists
+    it in Connection; once clients have filled the memo with new names, every spelling
+    of a gateway header is still judged and removed."""
+    assert status_of(await get_raw(gw, "/page", [("X-Keep-Me", "1")])) == 200
+    assert upstream.last.all("X-Keep-Me") == ["1"]
+    raw = await get_raw(gw, "/page", [("Connection", "X-Keep-Me"), ("X-Keep-Me", "1")])
+    assert status_of(raw) == 200 and upstream.last.all("X-Keep-Me") == []
+    for i in range(12):
+        junk = [(f"X-Junk-{i}-{j}", "1") for j in range(100)]
+        assert status_of(await get_raw(gw, "/page", junk)) == 200
+    spoofed = [
+        *SPOOF_SETS["all-spellings"],
+        ("X_SESSION_ADMIN", SPOOF),
+        ("X_Forwarded_For", "10.9.9.9"),
+        ("Connection", "X-Keep-Me"),
+        ("X-Keep-Me", "1"),
+    ]
+    assert status_of(await get_raw(gw, "/page", spoofed)) == 200
+    got = upstream.last
+    assert session_names(got.headers) == ["X-Session-Authenticated"]
+    assert SPOOF not in [v for _, v in got.headers]
+    assert "10.9.9.9" not in ",".join(got.all("X-Forwarded-For"))
+    assert got.all("X-Keep-Me") == []
+
+
 async def test_session_none_route_gets_no_session_headers_even_spoofed(
     gw: TestClient, upstream: Upstream
 ) -> None:
