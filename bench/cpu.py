@@ -9,8 +9,9 @@ per run the CPU microseconds each process spent per completed request (utime + s
 from /proc/<pid>/stat). Alternating d and e in one session makes the two comparable even
 while the machine's speed changes. `--profile DIR` adds a py-spy record of the gateway during
 the last run of each scenario, as DIR/<scenario>.txt in py-spy's raw format (py-spy must
-be installed in the venv; it is not a project dependency). Sampling costs the gateway
-CPU, so the µs of a profiled run read high.
+be installed in the venv; it is not a project dependency); `--native` adds native
+frames, and `python -m bench.profile DIR/e.txt DIR/x.txt` sums them up by part.
+Sampling costs the gateway CPU, so the µs of a profiled run read high.
 
 Extra gateway config can be merged in with `--set`, e.g.
 `--set session.near_cache.enabled=false` (values are parsed as YAML). Scenario x is e
@@ -124,6 +125,7 @@ async def run(a: argparse.Namespace) -> int:
                     spy = await asyncio.create_subprocess_exec(
                         str(spy_bin), "record", "-p", str(g.proc.pid),
                         "-d", str(int(a.dur)), "-r", "200", "-f", "raw", "-o", str(out),
+                        *(["--native"] if a.native else []),
                         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
                     )  # fmt: skip
                 counter = RedisCounter(f"redis://127.0.0.1:{g.redis_port}/0")
@@ -195,6 +197,12 @@ def main() -> None:
         "`git worktree add /tmp/base HEAD` for a before/after",
     )
     ap.add_argument("--profile", metavar="DIR", help="py-spy raw profiles of the last runs")
+    ap.add_argument(
+        "--native",
+        action="store_true",
+        help="with --profile: native frames too (the socket syscalls show as such); "
+        "summarize with python -m bench.profile",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temp dir with the logs")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON at the end")
     raise SystemExit(uvloop.run(run(ap.parse_args())))

@@ -111,3 +111,37 @@ def test_bench_hotpath_smoke() -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "session work per request on a hit: min " in res.stdout
+
+
+def test_bench_profile_charges_each_sample_to_its_part(tmp_path: Path) -> None:
+    """`python -m bench.profile` on py-spy raw stacks: a socket syscall is the kernel's
+    whatever Python called it; otherwise the innermost Python frame's file decides, past
+    native frames of the interpreter; shares and µs per request add up."""
+    from bench.profile import part_of, summarize
+
+    run = "_run (asyncio/events.py:80);Gateway._handle (gateway/proxy.py:120)"
+    stacks = {
+        f"{run};_exchange (gateway/upstream_client.py:330);write (libc.so.6)": 4,
+        f"{run};strip_headers (gateway/headers.py:190);Py_DECREF (object.h:500)": 3,
+        f"{run};NearCache.get (gateway/sessions/nearcache.py:70)": 2,
+        f"{run};RequestHandler.start (aiohttp/web_protocol.py:600);read (libc.so.6)": 1,
+    }
+    f = tmp_path / "e.txt"
+    f.write_text("".join(f"{s} {n}\n" for s, n in stacks.items()))
+    parts, total = summarize(f)
+    assert total == 10
+    assert parts == {
+        "kernel: socket write": 4,
+        "headers in/out": 3,
+        "sessions + Redis": 2,
+        "kernel: socket read": 1,
+    }
+    assert part_of(["Runner.run (asyncio/runners.py:118)", "epoll_pwait (libc.so.6)"]) == (
+        "event loop"
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.profile", str(f), str(f), "--us", "100,50"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "| kernel: socket write | 40.0 | 40 | 40.0 | 20 |" in res.stdout
