@@ -131,9 +131,11 @@ async def run(a: argparse.Namespace) -> int:
                 counter = RedisCounter(f"redis://127.0.0.1:{g.redis_port}/0")
                 await counter.start()
                 before = {n: cpu_seconds([p]) for n, p in procs.items()}
+                sys_before = cpu_seconds([g.proc.pid], system_only=True)
                 w = await run_wrk(g.url, paths[key], g.cookies, tmp, pin, a.dur, a.connections,
                                   rate=a.rate)  # fmt: skip
                 after = {n: cpu_seconds([p]) for n, p in procs.items()}
+                sys_after = cpu_seconds([g.proc.pid], system_only=True)
                 delta = await counter.stop()
                 await counter.close()
                 if spy is not None:
@@ -144,6 +146,10 @@ async def run(a: argparse.Namespace) -> int:
                                        "p99_ms": w.p99_ms}  # fmt: skip
                 for name in procs:
                     row[f"{name}_us"] = round((after[name] - before[name]) / n * 1e6)
+                # The kernel's part of the gateway's (stime): its socket calls. py-spy
+                # cannot tell it apart, as it also charges a thread preempted in a
+                # write to that write.
+                row["gateway_sys_us"] = round((sys_after - sys_before) / n * 1e6)
                 # Session reads that missed the near-cache (the script never sends one).
                 row["hgetall"] = round(delta.by_cmd.get("hgetall", 0) / n, 3)
                 rows.append(row)

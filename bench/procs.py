@@ -211,14 +211,15 @@ def rss_kib(pid: int) -> int:
     return total
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """utime+stime of the given processes, from /proc/<pid>/stat."""
+def cpu_seconds(pids: Sequence[int], *, system_only: bool = False) -> float:
+    """utime+stime of the given processes (stime alone: ``system_only``), from
+    /proc/<pid>/stat."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for p in pids:
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            total += (0 if system_only else int(fields[11])) + int(fields[12])
     return total / tick
 
 

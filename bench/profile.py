@@ -13,6 +13,11 @@ A sample is charged by its innermost frame that says something: a native socket 
 innermost Python frame's file decides (a Py_DECREF inside `strip_headers` is the
 gateway's headers work). Without --native, py-spy shows no native frames and the socket
 calls are charged to the Python frame that made them (`_exchange`, `_writelines`).
+
+py-spy samples wall time while the thread is not idle, so a gateway preempted inside a
+socket write (by the backend or Redis it just woke, on the same core) is charged to that
+write: the kernel rows read higher than the kernel's share of CPU. bench.cpu's
+`gateway_sys_us` (stime) is the measure of that share.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def test_bench_cpu_smoke() -> None:
         assert r["rps"] > 0 and r["errors"] == 0, r
         # CPU time is counted in clock ticks (10 ms): a second of a busy machine's
         # smoke load can round a process's share to 0. The figures must be there.
-        for k in ("gateway_us", "backend_us", "redis_us"):
+        for k in ("gateway_us", "gateway_sys_us", "backend_us", "redis_us"):
             assert isinstance(r[k], int | float) and r[k] >= 0, r
     assert rows[0]["hgetall"] == 0  # d reads no session
 
