@@ -71,6 +71,9 @@ class RequestBody:
         # Something was handed to the upstream: a failed connect can no longer be retried.
         self.started = False
 
+    def is_started(self) -> bool:
+        return self.started
+
     async def _chunk(self) -> bytes:
         left = self._deadline - self._loop.time()
         if left <= 0:

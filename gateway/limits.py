@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from types import TracebackType
 
 
 class TooMany(Exception):
@@ -20,17 +19,37 @@ class AddressHolds:
         self.limit = limit
         self._held: dict[str, int] = {}
 
-    @contextlib.contextmanager
-    def hold(self, key: str) -> Iterator[None]:
+    def hold(self, key: str) -> _Hold:
+        """``with holds.hold(key):`` one more for ``key`` while the block runs; TooMany
+        (nothing held) past the limit."""
         n = self._held.get(key, 0)
         if n >= self.limit:
             raise TooMany(key)
         self._held[key] = n + 1
-        try:
-            yield
-        finally:
-            n = self._held[key] - 1
-            if n:
-                self._held[key] = n
-            else:
-                del self._held[key]
+        return _Hold(self._held, key)
+
+
+class _Hold:
+    """Gives one hold back on leaving the block. A plain class: a generator-based
+    context manager cost ~1 % of a proxied request's CPU in a py-spy profile."""
+
+    __slots__ = ("_held", "_key")
+
+    def __init__(self, held: dict[str, int], key: str) -> None:
+        self._held = held
+        self._key = key
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        n = self._held[self._key] - 1
+        if n:
+            self._held[self._key] = n
+        else:
+            del self._held[self._key]
