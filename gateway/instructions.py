@@ -64,6 +64,21 @@ class Table:
         }
 
 
+# Backend response header names seen by collect: the normalized name of an X-Session-*
+# spelling, None for any other. The same few names come on every response; bounded, as
+# backends may send any (a name not in it is judged afresh).
+_SESSION_NAMES_MAX = 1024
+_session_names: dict[str, str | None] = {}
+
+
+def _session_name(name: str) -> str | None:
+    norm = normalized(name)
+    out = norm if norm.startswith(SESSION_PREFIX) else None
+    if len(_session_names) < _SESSION_NAMES_MAX:
+        _session_names[name] = out
+    return out
+
+
 def collect(
     headers: CIMultiDictProxy[str], allowed: tuple[str, ...], table: Table
 ) -> dict[str, str]:
@@ -71,9 +86,10 @@ def collect(
     normalized name, with their values. Unknown, disallowed and duplicated ones are
     dropped here: a header given twice is refused rather than guessed at."""
     found: dict[str, list[str]] = {}
+    memo = _session_names
     for name, value in headers.items():
-        norm = normalized(name)
-        if norm.startswith(SESSION_PREFIX):
+        norm = memo[name] if name in memo else _session_name(name)
+        if norm is not None:
             found.setdefault(norm, []).append(value)
     out: dict[str, str] = {}
     for name, values in found.items():
@@ -127,10 +143,12 @@ class Applier:
         self.cookie = cookie
         self.table = table
 
-    async def apply(self, ctx: RequestContext, headers: CIMultiDictProxy[str]) -> None:
-        values = collect(headers, ctx.route.instructions, self.table)
-        if not values:
-            return
+    def collect(self, ctx: RequestContext, headers: CIMultiDictProxy[str]) -> dict[str, str]:
+        """The instructions of this response the route allows (``apply`` them)."""
+        return collect(headers, ctx.route.instructions, self.table)
+
+    async def apply(self, ctx: RequestContext, values: dict[str, str]) -> None:
+        """Carry out ``values`` (from ``collect``, not empty)."""
         if ctx.sessions_bypassed:
             # The backend keeps this visitor's session itself: a login here would start
             # a gateway session the rollout did not choose.

@@ -187,6 +187,28 @@ async def test_header_rules_hold_with_their_memo_full_or_warm(
     assert got.all("X-Keep-Me") == []
 
 
+def test_instruction_headers_found_in_every_spelling_with_the_name_memo_full() -> None:
+    """collect remembers which backend header names are X-Session-* spellings, up to a
+    bound (instructions.py _SESSION_NAMES_MAX): once backends have filled it with other
+    names, every spelling of an instruction is still found, and a duplicate in another
+    spelling is still refused."""
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from gateway.instructions import Table, collect
+
+    table = Table()
+    for i in range(12):
+        junk: CIMultiDict[str] = CIMultiDict((f"X-Junk-{i}-{j}", "1") for j in range(100))
+        assert collect(CIMultiDictProxy(junk), ("login", "logout"), table) == {}
+    for spelling in ("X-Session-Login", "x_session_login", "X_SESSION-LOGIN"):
+        got = collect(CIMultiDictProxy(CIMultiDict({spelling: "user_id=7"})), ("login",), table)
+        assert got == {"x-session-login": "user_id=7"}, spelling
+    twice: CIMultiDict[str] = CIMultiDict(
+        [("X-Session-Logout", "this"), ("x_session_logout", "all")]
+    )
+    assert collect(CIMultiDictProxy(twice), ("logout",), table) == {}
+
+
 async def test_session_none_route_gets_no_session_headers_even_spoofed(
     gw: TestClient, upstream: Upstream
 ) -> None:
