@@ -4,6 +4,7 @@ pure-Python parser fewer)."""
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from aiohttp import web
@@ -38,11 +39,14 @@ def malformed(request: web.BaseRequest) -> str | None:
     # SECURITY: the host a backend sees (X-Forwarded-Host) meets one rule wherever it came
     # from: the Host header, or an absolute-form target's authority, which aiohttp's
     # pure-Python parser reports as request.host.
-    if len(hosts) > 1 or not all(valid_host(v) for v in hosts):
+    if len(hosts) > 1 or (hosts and not valid_host(hosts[0])):
         return "invalid Host"
-    if request.host and not valid_host(request.host):
+    host = request.host
+    if host and (not hosts or host != hosts[0]) and not valid_host(host):
         return "invalid Host"
-    for name, value in h.items():
-        if _BAD_VALUE.search(value) or _BAD_VALUE.search(name):
-            return "invalid header value"
+    # One search over every name and value, joined by a tab (a character the pattern
+    # allows, so the joined text has a match exactly where one of them has): a search per
+    # header cost more than the rest of these checks.
+    if _BAD_VALUE.search("\t".join(itertools.chain.from_iterable(h.items()))):
+        return "invalid header value"
     return None
