@@ -166,6 +166,45 @@ async def test_failed_flush_is_retried_and_merged_without_double_count(
     await r.aclose()
 
 
+async def test_buffer_count_holds_through_an_outage(
+    redis_server: RedisServer, rdb: redis.Redis
+) -> None:
+    """pending_count() is kept as batches wait, lose sessions (a logout, the cap) and go
+    out, not summed over them on every request: it must equal what is really buffered
+    at every step, and max_pending must hold while Redis is down."""
+    r = aioredis.Redis(port=redis_server.port, socket_timeout=0.3, socket_connect_timeout=0.3)
+    w = ActivityWriter(r, ActivitySettings(flush_timeout=0.3, max_pending=450), idle_ttl=60)
+    deadline = time.time() + 3600
+
+    def check(expected: int) -> None:
+        really = len(w._pending) + sum(len(b.entries) for b in w._retry)
+        assert w.pending_count() == really == expected
+
+    for i in range(300):
+        w.record(f"session:{i}", "/a", deadline)
+    redis_server.kill()
+    assert await w.flush() is False  # two batches (200 + 100) wait
+    check(300)
+    for i in (0, 1, 250, 299):
+        w.discard(f"session:{i}")  # logged out while its batch waits
+    w.discard("session:none")
+    check(296)
+    for i in range(300, 500):
+        w.record(f"session:{i}", "/b", deadline)  # past the cap: the oldest go
+    check(450)
+    assert await w.flush() is False
+    check(450)
+    redis_server.start()  # same port, empty dataset
+    # 296 waiting + 200 new is 46 past the cap: sessions 2..47 (0 and 1 left) went.
+    kept = [f"session:{i}" for i in range(48, 500) if i not in (250, 299)]
+    for k in kept:
+        rdb.hset(k, mapping={"login_time": f"{time.time():.3f}", "page_views": "0"})
+    assert await w.flush() is True
+    check(0)
+    assert sum(int(rdb.hget(k, "page_views") or 0) for k in kept) == len(kept) == 450
+    await r.aclose()
+
+
 async def test_ambiguous_timeout_is_not_counted_twice(
     redis_server: RedisServer, rdb: redis.Redis
 ) -> None:

@@ -133,6 +133,10 @@ class ActivityWriter:
         self.keys = keys or Keys()
         self._pending: dict[str, Pending] = {}
         self._retry: list[Batch] = []
+        # Sessions in self._retry's batches, kept as they change: pending_count() runs for
+        # every new session recorded, and summing the batches there cost O(batches) per
+        # request during an outage, when they pile up.
+        self._retry_total = 0
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._backoff_reset = False
@@ -187,13 +191,14 @@ class ActivityWriter:
         return all(apply_activity(fields, w.last_activity, w.page, w.views) for w in waiting)
 
     def pending_count(self) -> int:
-        return len(self._pending) + sum(len(b.entries) for b in self._retry)
+        return len(self._pending) + self._retry_total
 
     def _drop_oldest(self) -> None:
         # Oldest first: a batch waiting for retry is older than anything in _pending.
         if self._retry:
             batch = self._retry[0]
             batch.entries.pop(next(iter(batch.entries)))
+            self._retry_total -= 1
             if not batch.entries:
                 self._retry.pop(0)
         elif self._pending:
@@ -207,7 +212,8 @@ class ActivityWriter:
         self._pending.pop(key, None)
         for b in self._retry:
             # Safe either way: if that batch was applied, the retry is skipped by its id.
-            b.entries.pop(key, None)
+            if b.entries.pop(key, None) is not None:
+                self._retry_total -= 1
 
     # -- background side ------------------------------------------------------------------
 
@@ -246,6 +252,7 @@ class ActivityWriter:
             for group in self._groups(list(fresh.items())):
                 for i in range(0, len(group), BATCH):
                     self._retry.append(Batch(secrets.token_hex(8), dict(group[i : i + BATCH])))
+            self._retry_total += len(fresh)
         self._retry = [b for b in self._retry if b.entries]
         if not self._retry:
             metrics.ACTIVITY_PENDING.set(0)
@@ -281,6 +288,7 @@ class ActivityWriter:
                 metrics.ACTIVITY_PENDING.set(self.pending_count())
             if self._retry and self._retry[0] is batch:
                 self._retry.pop(0)
+                self._retry_total -= len(batch.entries)
         metrics.ACTIVITY_FLUSHES.labels("ok").inc()
         return not self._pending
 
@@ -314,6 +322,7 @@ class ActivityWriter:
             id(b) for b, r in zip(batches, results, strict=True) if not isinstance(r, Exception)
         }
         self._retry = [b for b in self._retry if id(b) not in done]
+        self._retry_total = sum(len(b.entries) for b in self._retry)
         metrics.ACTIVITY_PENDING.set(self.pending_count())
         if failed:
             metrics.ACTIVITY_FLUSHES.labels("error").inc()
