@@ -601,6 +601,14 @@ class Settings(_Frozen):
         problem = self.redis.problem()
         if problem is not None:
             raise ValueError(problem)
+        wait = self.redis.wait
+        if wait is not None and wait.timeout >= self.activity.flush_timeout:
+            # Each flush's WAIT runs within the flush's budget: at or past it, every
+            # flush would time out and be retried for ever.
+            raise ValueError(
+                "redis.wait.timeout: must be below activity.flush_timeout (each activity "
+                "flush waits for the replicas within it)"
+            )
         for i, r in enumerate(self.routes):
             if r.upstream not in self.upstreams:
                 known = ", ".join(sorted(self.upstreams)) or "none defined"

@@ -85,6 +85,12 @@ def test_missing_env_var_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
         (lambda c: c.update(trusted_proxies=["10.0.0.300"]), "trusted_proxies: "),
         (lambda c: c.update(workers="many"), "workers: must be a number from 1 to 64 or 'auto'"),
         (lambda c: c.update(workers=0), "workers: "),
+        (
+            lambda c: c.update(
+                redis={"url": "redis://x", "timeout": 5, "wait": {"replicas": 1, "timeout": 2}}
+            ),
+            "redis.wait.timeout: must be below activity.flush_timeout",
+        ),
     ],
 )
 def test_bad_values_name_the_key_path(mutate: Any, message: str) -> None:

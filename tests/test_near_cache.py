@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway import metrics
 from gateway.app import RUNTIME
-from gateway.sessions import public_id
+from gateway.sessions import new_token, public_id
 
 from .conftest import GatewayFactory, RedisServer, Upstream, base_config, login, wait_for
 
@@ -431,3 +431,61 @@ async def test_a_stalled_redis_turns_the_cache_off_until_it_answers(
     await stall
     await wait_for(lambda: cache.enabled, timeout=5)
     assert await page(gw, upstream, token) == "true"
+
+
+async def test_reads_do_not_wait_behind_a_flush_wait(
+    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """With redis.wait, each activity flush sends WAIT on the link, and Redis holds it
+    until enough replicas answer or wait.timeout ends (here there is no replica: all of
+    it). A session read meanwhile goes through the pool instead of queueing behind the
+    WAIT on the link, and the cache stays on."""
+    cfg = no_expiry(redis_server, upstream)
+    cfg["redis"]["timeout"] = 1.5
+    cfg["redis"]["wait"] = {"replicas": 1, "timeout": 1.0}
+    gw = await cached_gateway(make_gateway, config=cfg)
+    cache = _cache(gw)
+    epoch = cache._epoch  # moves each time the cache goes off or on
+    now = f"{time.time():.3f}"
+    tokens = [new_token() for _ in range(2)]
+    for t in tokens:  # written directly: a login would need the WAIT to succeed
+        rdb.hset(
+            f"session:{public_id(t)}",
+            mapping={"user_id": "5", "login_time": now, "last_activity": now, "page_views": "0"},
+        )
+    short = metrics.REDIS_WAITS.labels("short")._value.get()
+
+    def waiting() -> bool:
+        return any(c.get("cmd") == "wait" for c in rdb.client_list())
+
+    assert await page(gw, upstream, tokens[0]) == "true"
+    await wait_for(waiting)  # the flush of that page view holds the link in WAIT
+    assert await page(gw, upstream, tokens[1]) == "true"
+    assert waiting(), "the read came back only once the WAIT had ended"
+    await wait_for(lambda: metrics.REDIS_WAITS.labels("short")._value.get() > short, 5)
+    assert cache.enabled and cache._epoch == epoch, "the link was dropped during the WAIT"
+
+
+async def test_the_link_outlasts_a_wait_longer_than_its_heartbeat(
+    make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream, rdb: redis.Redis
+) -> None:
+    """A WAIT held longer than twice the link's heartbeat (1 s) is no dead link: the
+    probe's answer waits behind it. The link took it for one and the cache went off and
+    on around every flush while the replicas were slow."""
+    cfg = no_expiry(redis_server, upstream)
+    cfg["redis"]["timeout"] = 4.0
+    cfg["redis"]["wait"] = {"replicas": 1, "timeout": 2.5}
+    cfg["activity"] = {"flush_interval": 0.05, "flush_timeout": 3.5}
+    gw = await cached_gateway(make_gateway, config=cfg)
+    cache = _cache(gw)
+    epoch = cache._epoch  # moves each time the cache goes off or on
+    now = f"{time.time():.3f}"
+    token = new_token()
+    rdb.hset(
+        f"session:{public_id(token)}",
+        mapping={"user_id": "5", "login_time": now, "last_activity": now, "page_views": "0"},
+    )
+    short = metrics.REDIS_WAITS.labels("short")._value.get()
+    assert await page(gw, upstream, token) == "true"
+    await wait_for(lambda: metrics.REDIS_WAITS.labels("short")._value.get() > short, 6)
+    assert cache.enabled and cache._epoch == epoch, "the cache went off during the WAIT"

@@ -87,10 +87,18 @@ class TrackingLink:
         self._stopping = False
         self._heartbeat = min(HEARTBEAT, timeout)
         self._closing: set[asyncio.Task[None]] = set()
+        # Calls in flight that Redis holds on purpose (WAIT) until they can be answered.
+        self._blocking = 0
 
     @property
     def up(self) -> bool:
         return self._up
+
+    @property
+    def free(self) -> bool:
+        """Up, and no call that Redis holds on purpose (WAIT) is in flight: a read sent
+        now is answered without waiting behind one (else the caller reads elsewhere)."""
+        return self._up and not self._blocking
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="near-cache-link")
@@ -98,6 +106,16 @@ class TrackingLink:
     async def call(self, *args: Any) -> Any:
         """Run one command on the link (raises LinkDown when it is not up)."""
         return await self._send(args, None)
+
+    async def call_blocking(self, *args: Any) -> Any:
+        """Run a command that Redis holds until it can answer (WAIT, within its own
+        timeout, which the config keeps below redis.timeout); meanwhile the link is not
+        ``free``."""
+        self._blocking += 1
+        try:
+            return await self._send(args, None)
+        finally:
+            self._blocking -= 1
 
     async def call_own_write(self, keys: frozenset[str], *args: Any) -> Any:
         """Run a script that writes ``keys`` on this process's behalf, so that the
@@ -200,6 +218,11 @@ class TrackingLink:
             except ResponseError as e:
                 reply, error = None, e
             if silent:
+                if self._blocking:
+                    # Replies wait behind a WAIT that Redis holds on purpose, for longer
+                    # than the heartbeat when wait.timeout is; that call's own deadline
+                    # (redis.timeout) bounds the silence.
+                    continue
                 if probing is not None:
                     raise TimeoutError("heartbeat unanswered")
                 probing = asyncio.get_running_loop().create_future()

@@ -384,8 +384,11 @@ class ActivityWriter:
                 reply = await _SCRIPT.run(write, keys, args, load=link.call)
                 wait = self.writes.wait
                 if wait is not None:
-                    # On the link itself: WAIT counts this connection's writes.
-                    acks = await link.call("WAIT", wait.replicas, round(wait.timeout * 1000))
+                    # On the link itself: WAIT counts this connection's writes. Session
+                    # reads go through the pool meanwhile (store.load: link.free).
+                    acks = await link.call_blocking(
+                        "WAIT", wait.replicas, round(wait.timeout * 1000)
+                    )
                     if int(acks) < wait.replicas:
                         metrics.REDIS_WAITS.labels("short").inc()
                         # Kept for retry under the same id: a copy that did reach the

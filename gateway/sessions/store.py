@@ -137,11 +137,13 @@ class SessionStore:
             keep = False
             try:
                 link = self.link
-                if not extra and link is not None and link.up:
+                if not extra and link is not None and link.free:
                     # A miss goes on the link itself: far less client work than the
                     # pool, and its reply is ordered with the link's invalidations. A
                     # failure there is a Redis failure like any other (the route's
-                    # on_redis_error), within redis.timeout.
+                    # on_redis_error), within redis.timeout. Not while an activity
+                    # flush's WAIT holds the link (redis.wait): a read would wait
+                    # behind it, up to wait.timeout; the pool's is as safe (begin/end).
                     _READS.inc()
                     fields = await link.call("HGETALL", key)
                 else:
