@@ -173,13 +173,18 @@ class _Api:
                 "add ?user_id="
             )
         client = self.rt.redis.client
-        members = cast(
-            list[str],
-            await bounded(
-                "admin", client.srandmember(keys.user_sessions(uid), MAX_LIMIT), self.timeout
-            ),
-        )
-        return next((m for m in members if public_id(m) == sid), None)
+        index = keys.user_sessions(uid)
+        # The whole index, a page at a time: a user may hold up to session.max_per_user
+        # (10,000) sessions, and a sample of them missed the one asked for.
+        cursor = 0
+        while True:
+            cursor, members = cast(
+                tuple[int, list[str]],
+                await bounded("admin", client.sscan(index, cursor, count=MAX_LIMIT), self.timeout),
+            )
+            found = next((m for m in members if public_id(m) == sid), None)
+            if found is not None or not cursor:
+                return found
 
     # -- endpoints --------------------------------------------------------------------
 
