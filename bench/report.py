@@ -30,7 +30,9 @@ SCENARIOS = {
 # Scenarios that must prove their session work before they are measured (bench/proof.py).
 SESSION_SCENARIOS = ("e", "o", "f", "o2", "e-100k", "o-100k", "f-100k", "o2-100k")
 # Scenarios measured at the fixed rate too (the p99 target's, and their pairings).
-FIXED_RATE = ("a", "b", "n", "c", "d", "e", "o", "f", "e-100k", "o-100k")
+FIXED_RATE = (
+    "a", "b", "n", "c", "d", "e", "o", "f", "o2", "e-100k", "o-100k", "f-100k", "o2-100k",
+)  # fmt: skip
 LOAD_TESTS = {
     "e": "gateway, 1 process",
     "f": "gateway, 2 workers",
