@@ -155,11 +155,9 @@ async def test_interim_1xx_answers_are_skipped(
 async def test_one_kept_alive_connection_frames_every_answer_after_another(
     make_gateway: GatewayFactory, redis_server: RedisServer, raw_backend: RawBackend
 ) -> None:
-    """The pool keeps a connection's response parser from one exchange to the next
-    (upstream_client.Connection) and makes a new one only when HEAD comes or goes. Every
-    answer on the one connection must still be framed as its own: a HEAD answer's
-    Content-Length read as a body would swallow the next answer (a response desync), a
-    GET read with HEAD's parser would lose its body."""
+    """Every answer on one kept-alive connection is framed as its own, whatever came
+    before it: a HEAD answer's Content-Length read as a body would swallow the next
+    answer (a response desync), a GET read with HEAD's parser would lose its body."""
     connections = 0
     answers = {
         b"GET /static/chunked ": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -198,6 +196,49 @@ async def test_one_kept_alive_connection_frames_every_answer_after_another(
         if method == "HEAD":
             assert resp.headers["X-Head"] == "1" and resp.headers["Content-Length"] == "11"
     assert connections == 1, f"{connections} upstream connections for {len(expected)} requests"
+
+
+@pytest.mark.security
+async def test_a_partial_answer_left_behind_is_not_spliced_onto_the_next(
+    make_gateway: GatewayFactory, redis_server: RedisServer, raw_backend: RawBackend
+) -> None:
+    """A backend (confused, or owned) sends a whole answer and then the start of another
+    on a keep-alive connection: a status line and headers without their end. The pool
+    reuses the connection (nothing whole is left over), so the next request's answer
+    must be parsed from scratch: glued onto those bytes, the next client would get the
+    leftover status and headers, here a login instruction, over its own body."""
+    connections = 0
+
+    async def h(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            head = await _read_head(reader)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst"
+                b"HTTP/1.1 200 OK\r\nX-Session-Login: user_id=666\r\nX-Pad: "
+            )
+            await writer.drain()
+            while True:
+                head = await _read_head(reader)
+                assert head.startswith(b"GET /")
+                writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 6\r\n\r\nsecond")
+                await writer.drain()
+
+    url = await raw_backend(h)
+    cfg = base_config(redis_server.url, url)
+    cfg["routes"] = [{"path": "/", "upstream": "app", "session": "optional",
+                      "instructions": ["login"]}]  # fmt: skip
+    client = await make_gateway(cfg)
+    resp = await client.get("/first")
+    assert (resp.status, await resp.read()) == (200, b"first")
+    await asyncio.sleep(0.1)  # the leftover has surely arrived
+    resp = await client.get("/second")
+    assert (resp.status, await resp.read()) == (202, b"second")
+    assert "X-Pad" not in resp.headers and "sid" not in resp.cookies
+    with redis_server.client() as c:
+        assert not c.keys("session:*"), "a login was spliced in"
+    assert connections == 1
 
 
 async def test_body_until_close_and_chunked_answers(
