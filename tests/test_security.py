@@ -187,6 +187,30 @@ async def test_header_rules_hold_with_their_memo_full_or_warm(
     assert got.all("X-Keep-Me") == []
 
 
+def test_backend_session_headers_stripped_with_the_response_memo_full() -> None:
+    """The backend's answer goes through strip_headers without a drop rule, whose memo
+    is the process's own: with it filled by backend header names, every X-Session-*
+    spelling and every hop-by-hop or Connection-listed header is still removed."""
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from gateway.headers import strip_headers
+
+    for i in range(12):
+        junk: CIMultiDict[str] = CIMultiDict((f"X-Resp-{i}-{j}", "1") for j in range(100))
+        assert len(strip_headers(CIMultiDictProxy(junk))) == 100
+    answer: CIMultiDict[str] = CIMultiDict(
+        [
+            ("X_SESSION_USER_ID", SPOOF),
+            ("x-Session_Login", "user_id=1"),
+            ("Keep-Alive", "timeout=5"),
+            ("Connection", "X-Internal-Only"),
+            ("X-Internal-Only", "secret"),
+            ("X-Fine", "kept"),
+        ]
+    )
+    assert list(strip_headers(CIMultiDictProxy(answer)).items()) == [("X-Fine", "kept")]
+
+
 def test_instruction_headers_found_in_every_spelling_with_the_name_memo_full() -> None:
     """collect remembers which backend header names are X-Session-* spellings, up to a
     bound (instructions.py _SESSION_NAMES_MAX): once backends have filled it with other
