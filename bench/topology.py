@@ -271,13 +271,24 @@ class SentinelTopology:
         not yet seen the replicas since the last failover), and sent again when the
         Sentinel gave its failover up: on a busy machine the chosen replica can miss the
         failover-timeout, and the Sentinel then waits twice that before it may try again
-        on its own (a CI run saw no new master within 20 s)."""
-        old = self.master_port()
+        on its own (a CI run saw no new master within 20 s).
+
+        Never two failovers for one call: the old master is read once a Sentinel has
+        taken the command (a failover still in progress when this was called may have
+        moved the master meanwhile; read before, it named a master already gone, and the
+        command then failed over the new one too, so the port returned as the new master
+        was being demoted: a CI run saw it answer ROLE slave for seconds), and nothing
+        is sent again once the master has moved."""
         deadline = time.monotonic() + timeout
         # An aborted attempt is over after failover-timeout; a retry is possible once the
         # Sentinel's 2 x failover-timeout guard has passed.
         attempt = 2 * self.failover_timeout_ms / 1000 + 1
+        old: int | None = None
         while True:
+            if old is not None:
+                with contextlib.suppress(RuntimeError, redis.RedisError, OSError):
+                    if (port := self.master_port()) != old:  # the last attempt landed
+                        return old, port
             try:
                 with self.sentinels[0].client() as c:
                     c.execute_command("SENTINEL", "FAILOVER", self.master_name)
@@ -288,14 +299,14 @@ class SentinelTopology:
                     raise
                 time.sleep(0.2)
                 continue
+            if old is None:
+                # The switch comes seconds after the command is taken, never at once.
+                old = self.master_port()
             try:
                 new = self.wait_new_master(old, min(attempt, max(1.0, deadline - time.monotonic())))
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise
-                with contextlib.suppress(RuntimeError, redis.RedisError, OSError):
-                    if (port := self.master_port()) != old:  # it landed just now
-                        return old, port
                 continue
             return old, new
 
