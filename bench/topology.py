@@ -273,12 +273,13 @@ class SentinelTopology:
         failover-timeout, and the Sentinel then waits twice that before it may try again
         on its own (a CI run saw no new master within 20 s).
 
-        Never two failovers for one call: the old master is read once a Sentinel has
+        It returns after one clean failover: the old master is read once a Sentinel has
         taken the command (a failover still in progress when this was called may have
         moved the master meanwhile; read before, it named a master already gone, and the
         command then failed over the new one too, so the port returned as the new master
-        was being demoted: a CI run saw it answer ROLE slave for seconds), and nothing
-        is sent again once the master has moved."""
+        was being demoted: a CI run saw it answer ROLE slave for seconds), nothing is
+        sent again once the master has moved, and a new master that does not answer
+        ROLE master is a botched attempt, tried again once the topology is whole."""
         deadline = time.monotonic() + timeout
         # An aborted attempt is over after failover-timeout; a retry is possible once the
         # Sentinel's 2 x failover-timeout guard has passed.
@@ -308,7 +309,27 @@ class SentinelTopology:
                 if time.monotonic() > deadline:
                     raise
                 continue
-            return old, new
+            if self._is_master(new):
+                return old, new
+            # A botched failover: the Sentinels name a node that answers ROLE slave (on a
+            # busy machine an attempt can time out after its replica was promoted, and
+            # the Sentinels then convert that node back while another attempt names it;
+            # two fresh-clone CI runs here saw it for over 5 s). Not the failover the
+            # caller asked for: once the topology is whole again, once more.
+            self.wait_healthy(max(1.0, deadline - time.monotonic()))
+            old = None
+
+    def _is_master(self, port: int, settle: float = 3.0) -> bool:
+        """Whether ``port`` answers ROLE master within ``settle`` seconds."""
+        end = time.monotonic() + settle
+        while True:
+            with contextlib.suppress(redis.RedisError, OSError):
+                with self.data[port].client() as c:
+                    if c.execute_command("ROLE")[0] in ("master", b"master"):
+                        return True
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.1)
 
     def wait_new_master(self, old: int, timeout: float) -> int:
         def moved() -> int:

@@ -222,7 +222,8 @@ async def test_forced_failover_the_demoted_master_gets_no_write(
     # request at once (tracking left on the old master would keep the copy up to 5 s).
     link = gw.server.app[RUNTIME].sessions.link
     assert link is not None
-    await wait_for(lambda: link.up, 5)
+    # Its reconnect backoff reaches 5 s while the old master refuses it.
+    await wait_for(lambda: link.up, 12)
     await get(gw, "/home", token)
     with sentinel.data[new].client() as c:
         c.hset(c.keys("session:*")[0], "plan", "gold")
