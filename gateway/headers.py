@@ -186,6 +186,22 @@ def _verdict(memo: dict[str, str | None], name: str, drop: HeaderDrop | None) ->
     return out
 
 
+_session_names: dict[str, str | None] = {}
+
+
+def session_header_name(name: str) -> str | None:
+    """The normalized name when ``name`` is an X-Session-* spelling, else None;
+    remembered like strip_headers' verdicts (instructions.collect asks it for every
+    backend response header)."""
+    if name in _session_names:
+        return _session_names[name]
+    norm = normalized(name)
+    out = norm if norm.startswith(SESSION_PREFIX) else None
+    if len(_session_names) < _VERDICTS_MAX:
+        _session_names[name] = out
+    return out
+
+
 def strip_headers(
     headers: CIMultiDictProxy[str] | CIMultiDict[str],
     *,

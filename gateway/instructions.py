@@ -13,7 +13,7 @@ from multidict import CIMultiDictProxy
 from . import metrics
 from .errors import RedisUnavailable
 from .forwarded import bucket
-from .headers import SESSION_PREFIX, normalized, parse_params
+from .headers import normalized, parse_params, session_header_name
 
 if TYPE_CHECKING:
     from .chain import Chain
@@ -64,21 +64,6 @@ class Table:
         }
 
 
-# Backend response header names seen by collect: the normalized name of an X-Session-*
-# spelling, None for any other. The same few names come on every response; bounded, as
-# backends may send any (a name not in it is judged afresh).
-_SESSION_NAMES_MAX = 1024
-_session_names: dict[str, str | None] = {}
-
-
-def _session_name(name: str) -> str | None:
-    norm = normalized(name)
-    out = norm if norm.startswith(SESSION_PREFIX) else None
-    if len(_session_names) < _SESSION_NAMES_MAX:
-        _session_names[name] = out
-    return out
-
-
 def collect(
     headers: CIMultiDictProxy[str], allowed: tuple[str, ...], table: Table
 ) -> dict[str, str]:
@@ -86,9 +71,8 @@ def collect(
     normalized name, with their values. Unknown, disallowed and duplicated ones are
     dropped here: a header given twice is refused rather than guessed at."""
     found: dict[str, list[str]] = {}
-    memo = _session_names
     for name, value in headers.items():
-        norm = memo[name] if name in memo else _session_name(name)
+        norm = session_header_name(name)
         if norm is not None:
             found.setdefault(norm, []).append(value)
     out: dict[str, str] = {}

@@ -213,7 +213,7 @@ def test_backend_session_headers_stripped_with_the_response_memo_full() -> None:
 
 def test_instruction_headers_found_in_every_spelling_with_the_name_memo_full() -> None:
     """collect remembers which backend header names are X-Session-* spellings, up to a
-    bound (instructions.py _SESSION_NAMES_MAX): once backends have filled it with other
+    bound (headers.session_header_name): once backends have filled it with other
     names, every spelling of an instruction is still found, and a duplicate in another
     spelling is still refused."""
     from multidict import CIMultiDict, CIMultiDictProxy
