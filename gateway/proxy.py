@@ -54,10 +54,6 @@ MAX_PAGE = 512  # bytes of current_page kept per session
 _STARTED = web.RequestKey("gateway_response_started", web.StreamResponse)
 
 
-def _NOT() -> bool:
-    return False
-
-
 # Unique, not secret: a per-process random prefix and a counter cost no syscall per
 # request (uuid4 reads os.urandom every time).
 _RID_PREFIX = secrets.token_hex(8)
@@ -247,7 +243,7 @@ class Gateway:
                     ctx.target,
                     headers,
                     body,
-                    body_started=body.is_started if isinstance(body, RequestBody) else _NOT,
+                    body_started=body.is_started if isinstance(body, RequestBody) else None,
                 )
                 ctx.upstream_server = upstream_resp.server
                 try:

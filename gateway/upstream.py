@@ -99,7 +99,7 @@ class Upstream:
         headers: CIMultiDict[str],
         body: bytes | AsyncIterable[bytes] | None,
         *,
-        body_started: Callable[[], bool] = lambda: False,
+        body_started: Callable[[], bool] | None = None,
     ) -> UpstreamResponse:
         """The request to the first server that takes it; UpstreamFailure (the status
         and text for the client) when none does. ``body``: whole in memory, or a stream
@@ -117,7 +117,7 @@ class Upstream:
                 self._eject(i)
                 metrics.UPSTREAM_ERRORS.labels("connect").inc()
                 last_error = str(e)
-                if not streamed or not body_started():
+                if not streamed or body_started is None or not body_started():
                     continue
                 raise UpstreamFailure(502, "bad gateway: upstream refused the connection") from None
             except StreamsFull:
