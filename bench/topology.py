@@ -327,7 +327,7 @@ class SentinelTopology:
         while True:
             with contextlib.suppress(redis.RedisError, OSError):
                 with self.data[port].client() as c:
-                    if c.execute_command("ROLE")[0] in ("master", b"master"):
+                    if c.execute_command("ROLE")[0] == "master":
                         return True
             if time.monotonic() > end:
                 return False

@@ -433,6 +433,18 @@ async def test_a_stalled_redis_turns_the_cache_off_until_it_answers(
     assert await page(gw, upstream, token) == "true"
 
 
+def stored_session(rdb: redis.Redis) -> str:
+    """A logged-in session written straight into Redis (a login under redis.wait needs
+    a replica to acknowledge it); its token."""
+    now = f"{time.time():.3f}"
+    token = new_token()
+    rdb.hset(
+        f"session:{public_id(token)}",
+        mapping={"user_id": "5", "login_time": now, "last_activity": now, "page_views": "0"},
+    )
+    return token
+
+
 async def test_reads_do_not_wait_behind_a_flush_wait(
     make_gateway: GatewayFactory, redis_server: RedisServer, upstream: Upstream, rdb: redis.Redis
 ) -> None:
@@ -446,13 +458,7 @@ async def test_reads_do_not_wait_behind_a_flush_wait(
     gw = await cached_gateway(make_gateway, config=cfg)
     cache = _cache(gw)
     epoch = cache._epoch  # moves each time the cache goes off or on
-    now = f"{time.time():.3f}"
-    tokens = [new_token() for _ in range(2)]
-    for t in tokens:  # written directly: a login would need the WAIT to succeed
-        rdb.hset(
-            f"session:{public_id(t)}",
-            mapping={"user_id": "5", "login_time": now, "last_activity": now, "page_views": "0"},
-        )
+    tokens = [stored_session(rdb) for _ in range(2)]
     short = metrics.REDIS_WAITS.labels("short")._value.get()
 
     def waiting() -> bool:
@@ -479,12 +485,7 @@ async def test_the_link_outlasts_a_wait_longer_than_its_heartbeat(
     gw = await cached_gateway(make_gateway, config=cfg)
     cache = _cache(gw)
     epoch = cache._epoch  # moves each time the cache goes off or on
-    now = f"{time.time():.3f}"
-    token = new_token()
-    rdb.hset(
-        f"session:{public_id(token)}",
-        mapping={"user_id": "5", "login_time": now, "last_activity": now, "page_views": "0"},
-    )
+    token = stored_session(rdb)
     short = metrics.REDIS_WAITS.labels("short")._value.get()
     assert await page(gw, upstream, token) == "true"
     await wait_for(lambda: metrics.REDIS_WAITS.labels("short")._value.get() > short, 6)
