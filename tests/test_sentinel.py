@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from bench.topology import SentinelTopology
+from bench.topology import FailoverBotched, SentinelTopology
 from gateway.app import RUNTIME
 from gateway.redis import public_id
 
@@ -208,7 +208,11 @@ async def test_forced_failover_the_demoted_master_gets_no_write(
     while not failover.done():
         await window.round(gw, upstream, token)
         await asyncio.sleep(0.02)
-    old, new = await failover
+    try:
+        old, new = await failover
+    except FailoverBotched as e:
+        # The Sentinels, not the gateway: the failover this test is about never happened.
+        pytest.skip(f"Sentinel botched the forced failover: {e}")
     await asyncio.sleep(0.5)  # the watch asks every 0.2 s
     views = await asyncio.to_thread(lambda: {p: page_views(sentinel, p) for p in (old, new)})
     seen = window.seen_views
